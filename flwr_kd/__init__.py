@@ -1,0 +1,6 @@
+"""flwr-kd: federated learning across heterogeneous timm models by knowledge distillation."""
+
+from flwr_kd.strategy import FedDF, HeteroFedAvg
+
+__all__ = ["FedDF", "HeteroFedAvg"]
+__version__ = "0.1.0"

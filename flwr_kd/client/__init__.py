@@ -1,0 +1,5 @@
+"""Client side of flwr-kd: message handlers that any Flower `ClientApp` can register."""
+
+from flwr_kd.client.handlers import ClientData, KDClient, resolve_architecture
+
+__all__ = ["ClientData", "KDClient", "resolve_architecture"]

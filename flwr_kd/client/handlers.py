@@ -1,0 +1,145 @@
+"""Handlers that make a Flower `ClientApp` a flwr-kd client.
+
+`KDClient(...).register(app)` adds:
+
+- `query.architecture`: the node's timm architecture and sample count (the server asks once);
+- `train`: load the received weights of this node's architecture, train on private data, and
+  reply the weights plus float16 logits on the round's public inputs (FedDF's teacher);
+- `evaluate`: accuracy of the received model on the node's held-out private data.
+
+The same functions serve the simulation engine and the client Cloud Function. They are plain
+functions of (Message, Context): no state lives in the ClientApp object, which Flower pickles
+with every message in simulation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from flwr_kd import protocol
+from flwr_kd.data import DataSpec, load_federated
+from flwr_kd.models import ModelSpec, create_model, load_numpy_state, state_to_numpy
+from flwr_kd.records import record_to_state, state_to_record
+from flwr_kd.training import evaluate, predict_logits, train_supervised
+
+
+@dataclass
+class ClientData:
+    """A client's private data: a training part and a held-out part, plus the model shape."""
+
+    train_x: np.ndarray
+    train_y: np.ndarray
+    holdout_x: np.ndarray
+    holdout_y: np.ndarray
+    model_spec: ModelSpec
+
+
+def partition_id(context: Context) -> int:
+    if "partition-id" not in context.node_config:
+        raise ValueError("node config has no 'partition-id'; set it, or pass load_data")
+    return int(context.node_config["partition-id"])
+
+
+def load_split_partition(context: Context, config: ConfigRecord) -> ClientData:
+    """The default data source: this node's partition of the flwr-kd split named in config."""
+    data = load_federated(DataSpec.from_config(dict(config)))
+    train_x, train_y, hold_x, hold_y = data.client_data(partition_id(context))
+    return ClientData(train_x, train_y, hold_x, hold_y, data.model_spec)
+
+
+def resolve_architecture(context: Context, config: ConfigRecord | None = None) -> str:
+    """This node's timm architecture: node config `arch`, else the `archs` list of the run
+    config (or of the server's message) indexed by partition id."""
+    if "arch" in context.node_config:
+        return str(context.node_config["arch"])
+    for source in (context.run_config, config or {}):
+        if "archs" in source:
+            archs = [a.strip() for a in str(source["archs"]).split(",") if a.strip()]
+            return archs[partition_id(context) % len(archs)]
+    raise ValueError("no architecture: set node config 'arch' or run config 'archs'")
+
+
+def reply(message: Message, **records) -> Message:
+    return Message(RecordDict(records), reply_to=message)
+
+
+@dataclass
+class KDClient:
+    """flwr-kd's client logic, parameterised by where the private data comes from."""
+
+    load_data: Callable[[Context, ConfigRecord], ClientData] = load_split_partition
+
+    def register(self, app: ClientApp) -> ClientApp:
+        app.query("architecture")(self.describe)
+        app.train()(self.train)
+        app.evaluate()(self.evaluate)
+        return app
+
+    # -- handlers -----------------------------------------------------------------------
+
+    def describe(self, message: Message, context: Context) -> Message:
+        config = message.content[protocol.CONFIG]
+        data = self.load_data(context, config)
+        arch = resolve_architecture(context, config)
+        return reply(
+            message,
+            **{
+                protocol.CONFIG: ConfigRecord({"arch": arch}),
+                protocol.METRICS: MetricRecord({"num-examples": len(data.train_x)}),
+            },
+        )
+
+    def _model(self, message: Message, context: Context, data: ClientData):
+        config = message.content[protocol.CONFIG]
+        arch = resolve_architecture(context, config)
+        if str(config.get("arch", arch)) != arch:
+            raise ValueError(f"server sent a '{config['arch']}' model to a '{arch}' node")
+        model = create_model(arch, data.model_spec)
+        load_numpy_state(model, record_to_state(message.content[protocol.ARRAYS]))
+        return arch, model
+
+    def train(self, message: Message, context: Context) -> Message:
+        config = message.content[protocol.CONFIG]
+        data = self.load_data(context, config)
+        arch, model = self._model(message, context, data)
+        loss = train_supervised(
+            model,
+            data.train_x,
+            data.train_y,
+            epochs=int(config.get("local-epochs", 1)),
+            batch_size=int(config.get("batch-size", 32)),
+            lr=float(config.get("lr", 1e-3)),
+            seed=int(config.get("server-round", 0)) * 1000 + partition_id(context),
+        )
+        records = {
+            protocol.ARRAYS: state_to_record(state_to_numpy(model)),
+            protocol.CONFIG: ConfigRecord({"arch": arch}),
+            protocol.METRICS: MetricRecord({"num-examples": len(data.train_x), "train-loss": loss}),
+        }
+        if protocol.PUBLIC in message.content:
+            x = message.content[protocol.PUBLIC]["x"].numpy()
+            dtype = np.dtype(str(config.get("logits-dtype", "float16")))
+            logits = predict_logits(model, x).astype(dtype)
+            records[protocol.LOGITS] = ArrayRecord({"logits": Array(logits)})
+        return reply(message, **records)
+
+    def evaluate(self, message: Message, context: Context) -> Message:
+        config = message.content[protocol.CONFIG]
+        data = self.load_data(context, config)
+        arch, model = self._model(message, context, data)
+        loss, acc = evaluate(model, data.holdout_x, data.holdout_y)
+        return reply(
+            message,
+            **{
+                protocol.CONFIG: ConfigRecord({"arch": arch}),
+                protocol.METRICS: MetricRecord(
+                    {"num-examples": len(data.holdout_x), "loss": loss, "accuracy": acc}
+                ),
+            },
+        )
+

@@ -1,0 +1,151 @@
+"""An experiment's configuration: Flower run-config keys, defaults, and their validation.
+
+The same keys configure `flwr run examples/quickstart` (`[tool.flwr.app.config]`),
+`flwr-kd simulate` (its flags) and the serverless driver. Validation happens before anything
+runs or is written, and names the offending key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from flwr_kd.data import DataSpec
+from flwr_kd.distill import DistillConfig
+from flwr_kd.models import DEFAULT_ARCHITECTURES, check_architecture
+
+STRATEGIES = ("feddf", "fedavg")
+
+
+class ConfigError(ValueError):
+    """A run-config value is invalid; the message names the key."""
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    strategy: str = "feddf"
+    dataset: str = "digits"
+    num_clients: int = 8
+    alpha: float = 0.5  # 0 means IID
+    seed: int = 0
+    num_server_rounds: int = 5
+    archs: str = ",".join(DEFAULT_ARCHITECTURES)
+    local_epochs: int = 5
+    batch_size: int = 32
+    lr: float = 1e-3
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 0.0
+    distill_steps: int = 100
+    distill_batch_size: int = 64
+    distill_lr: float = 1e-3
+    temperature: float = 1.0
+    subset_size: int = 0  # public samples per round; 0 means all
+    teacher: str = "clients"
+    logits_dtype: str = "float16"
+    fanout: str = "process"
+    max_private: int = 0
+    local_only_baseline: bool = True
+    out_dir: str = ""
+
+    # -- conversions ------------------------------------------------------------------------
+
+    @classmethod
+    def from_run_config(cls, run_config: dict) -> "ExperimentConfig":
+        """From Flower run-config keys (kebab-case); unknown keys are an error."""
+        known = {f.name.replace("_", "-"): f for f in fields(cls)}
+        values = {}
+        for key, value in run_config.items():
+            if key not in known:
+                raise ConfigError(f"unknown run-config key '{key}'; known: {', '.join(sorted(known))}")
+            field = known[key]
+            try:
+                values[field.name] = _coerce(field.type, value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"run-config '{key}' must be {field.type}, got {value!r}") from None
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def to_run_config(self) -> dict:
+        return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+
+    @property
+    def arch_list(self) -> list[str]:
+        return [a.strip() for a in self.archs.split(",") if a.strip()]
+
+    def arch_of_partition(self, partition_id: int) -> str:
+        archs = self.arch_list
+        return archs[partition_id % len(archs)]
+
+    @property
+    def data_spec(self) -> DataSpec:
+        return DataSpec(
+            dataset=self.dataset,
+            num_partitions=self.num_clients,
+            alpha=self.alpha or None,
+            seed=self.seed,
+            max_private=self.max_private,
+        )
+
+    @property
+    def distill_config(self) -> DistillConfig:
+        return DistillConfig(
+            steps=self.distill_steps,
+            batch_size=self.distill_batch_size,
+            lr=self.distill_lr,
+            temperature=self.temperature,
+        )
+
+    def client_config(self) -> dict:
+        """What every message carries so that a stateless client can rebuild its data."""
+        return {
+            **self.data_spec.to_config(),
+            "archs": self.archs,
+            "local-epochs": self.local_epochs,
+            "batch-size": self.batch_size,
+            "lr": self.lr,
+        }
+
+    # -- validation -------------------------------------------------------------------------
+
+    def validate(self) -> None:
+        """Raise ConfigError (or DataError / UnknownArchitectureError) naming the problem."""
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"unknown strategy '{self.strategy}': choose one of {', '.join(STRATEGIES)}")
+        if self.alpha < 0:
+            raise ConfigError(f"alpha must be > 0 (or 0 for IID), got {self.alpha}")
+        if self.num_server_rounds < 1:
+            raise ConfigError(f"num-server-rounds must be at least 1, got {self.num_server_rounds}")
+        if not self.arch_list:
+            raise ConfigError("archs is empty: give timm model names separated by commas")
+        for arch in self.arch_list:
+            check_architecture(arch)
+        positive = ("local_epochs", "batch_size", "distill_batch_size", "distill_steps")
+        for name in positive:
+            if getattr(self, name) < (0 if name == "distill_steps" else 1):
+                raise ConfigError(f"{name.replace('_', '-')} must be positive")
+        if not 0 < self.fraction_train <= 1:
+            raise ConfigError(f"fraction-train must lie in (0, 1], got {self.fraction_train}")
+        if self.teacher not in ("clients", "server"):
+            raise ConfigError(f"teacher must be clients or server, got '{self.teacher}'")
+        if self.logits_dtype not in ("float16", "float32"):
+            raise ConfigError(f"logits-dtype must be float16 or float32, got '{self.logits_dtype}'")
+        if self.fanout not in ("process", "serial"):
+            raise ConfigError(f"fanout must be process or serial, got '{self.fanout}'")
+        self.data_spec  # noqa: B018 - DataSpec validates clients, alpha and dataset name
+
+
+def _coerce(type_name, value):
+    kind = type_name if isinstance(type_name, str) else type_name.__name__
+    if kind == "bool":
+        if isinstance(value, str):
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(value)
+            return value.lower() in ("true", "1")
+        return bool(value)
+    if kind == "int":
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        return int(value)
+    if kind == "float":
+        return float(value)
+    return str(value)

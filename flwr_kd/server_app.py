@@ -1,0 +1,151 @@
+"""The flwr-kd `ServerApp`: one experiment from run config to `result.json`.
+
+`flwr run` (examples/quickstart) and `flwr-kd simulate` both end up in `run_experiment`, which
+builds the strategy named by the run config, runs it with Flower's own `start()`, measures the
+local-only baseline, and writes the report.
+"""
+
+from __future__ import annotations
+
+import time
+from logging import INFO
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Context
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from flwr_kd.data import FederatedData, load_federated
+from flwr_kd.experiment import ExperimentConfig
+from flwr_kd.fanout import FanOut, make_fanout
+from flwr_kd.models import ModelSpec, create_model, state_to_numpy
+from flwr_kd.records import pack_models
+from flwr_kd.report import RoundRecorder, print_summary, write_result
+from flwr_kd.strategy import FedDF, HeteroFedAvg
+from flwr_kd.tasks import LocalTrainTask, run_local_train_task
+
+
+def initial_arrays(archs: list[str], spec: ModelSpec, seed: int):
+    """Freshly initialised global models, one per architecture, seeded."""
+    models = {}
+    for i, arch in enumerate(archs):
+        torch.manual_seed(seed * 7919 + i)
+        models[arch] = state_to_numpy(create_model(arch, spec))
+    return pack_models(models)
+
+
+def build_strategy(cfg: ExperimentConfig, data: FederatedData, fanout: FanOut) -> HeteroFedAvg:
+    common = dict(
+        fraction_train=cfg.fraction_train,
+        fraction_evaluate=cfg.fraction_evaluate,
+        min_available_nodes=cfg.num_clients,
+        seed=cfg.seed,
+    )
+    if cfg.strategy == "fedavg":
+        return HeteroFedAvg(**common)
+    return FedDF(
+        public_x=data.public_x,
+        val_x=data.val_x,
+        val_y=data.val_y,
+        model_spec=data.model_spec,
+        distill_config=cfg.distill_config,
+        subset_size=cfg.subset_size or None,
+        teacher=cfg.teacher,
+        logits_dtype=cfg.logits_dtype,
+        fanout=fanout,
+        **common,
+    )
+
+
+def local_only_baseline(cfg: ExperimentConfig, data: FederatedData, fanout: FanOut) -> dict[str, float]:
+    """Each architecture trained on one client's private data alone, with the federated run's
+    local-epoch budget, on the same test set; the mean over that architecture's clients."""
+    tasks = []
+    for pid in range(cfg.num_clients):
+        x, y, _, _ = data.client_data(pid)
+        tasks.append(
+            LocalTrainTask(
+                arch=cfg.arch_of_partition(pid),
+                model_spec=data.model_spec,
+                x=x,
+                y=y,
+                test_x=data.test_x,
+                test_y=data.test_y,
+                epochs=cfg.num_server_rounds * cfg.local_epochs,
+                batch_size=cfg.batch_size,
+                lr=cfg.lr,
+                seed=cfg.seed * 1000 + pid,
+            )
+        )
+    outcomes = fanout.map(run_local_train_task, tasks)
+    return {
+        arch: round(float(np.mean([o.accuracy for o in outcomes if o.arch == arch])), 4)
+        for arch in cfg.arch_list
+        if any(o.arch == arch for o in outcomes)
+    }
+
+
+def run_experiment(grid: Grid, cfg: ExperimentConfig) -> dict:
+    """Run one experiment on `grid`; returns (and writes, if out-dir is set) the result."""
+    t0 = time.perf_counter()
+    data = load_federated(cfg.data_spec)
+    recorder = RoundRecorder(cfg.arch_list, data.model_spec, data.test_x, data.test_y)
+    client_config = ConfigRecord(cfg.client_config())
+    with make_fanout(cfg.fanout) as fanout:
+        strategy = build_strategy(cfg, data, fanout)
+        recorder.header(f"{cfg.strategy} on {cfg.dataset}: test accuracy per architecture")
+        flower_result = strategy.start(
+            grid=grid,
+            initial_arrays=initial_arrays(cfg.arch_list, data.model_spec, cfg.seed),
+            num_rounds=cfg.num_server_rounds,
+            train_config=client_config,
+            evaluate_config=ConfigRecord(cfg.client_config()),
+            evaluate_fn=recorder,
+        )
+        baselines = {}
+        if cfg.local_only_baseline:
+            log(INFO, "Local-only baseline")
+            t_base = time.perf_counter()
+            baselines["local_only"] = local_only_baseline(cfg, data, fanout)
+            baseline_seconds = time.perf_counter() - t_base
+    rounds = []
+    for row in recorder.rounds[1:]:
+        r = row["round"]
+        stats = strategy.stats[r].to_dict() if r in strategy.stats else {}
+        client_eval = flower_result.evaluate_metrics_clientapp.get(r)
+        rounds.append(
+            {
+                **row,
+                "bytes": stats.get("bytes", {}),
+                "time": stats.get("seconds", {}),
+                "replies": stats.get("replies", 0),
+                "dropped": stats.get("dropped", []),
+                "distill": stats.get("distill", {}),
+                **({"client_accuracy": dict(client_eval)} if client_eval else {}),
+            }
+        )
+    result = {
+        "config": cfg.to_run_config(),
+        "architectures": {a: sum(cfg.arch_of_partition(p) == a for p in range(cfg.num_clients)) for a in cfg.arch_list},
+        "initial": recorder.rounds[0] if recorder.rounds else {},
+        "rounds": rounds,
+        "baselines": baselines,
+        "seconds": {"total": round(time.perf_counter() - t0, 2)},
+    }
+    if cfg.local_only_baseline:
+        result["seconds"]["local_only_baseline"] = round(baseline_seconds, 2)
+    print_summary(result)
+    if cfg.out_dir:
+        path = write_result(cfg.out_dir, result)
+        print(f"\nwrote {path} and {path.parent / 'accuracy.png'}")
+    return result
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry point for `flwr run`: the experiment described by the app's run config."""
+    run_experiment(grid, ExperimentConfig.from_run_config(dict(context.run_config)))

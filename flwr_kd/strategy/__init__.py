@@ -1,0 +1,6 @@
+"""flwr-kd strategies (Flower Message API)."""
+
+from flwr_kd.strategy.feddf import FedDF
+from flwr_kd.strategy.hetero import HeteroFedAvg
+
+__all__ = ["FedDF", "HeteroFedAvg"]

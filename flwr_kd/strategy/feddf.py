@@ -1,0 +1,164 @@
+"""FedDF (Lin et al. 2020) as a Flower Message-API strategy.
+
+Each round: clients of each architecture train from that architecture's global model and reply
+their weights plus float16 logits on the round's public distillation subset; the server FedAvg-s
+every architecture group, averages all clients' logits into the ensemble teacher, and distils
+every group model towards it, one fan-out task per architecture, in parallel.
+
+`teacher="server"` reproduces the seed system instead: clients send no logits and every
+distillation task re-evaluates all client models to build the teacher (k x n forward passes).
+"""
+
+from __future__ import annotations
+
+from logging import INFO
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
+from flwr.common.logger import log
+
+from flwr_kd import protocol
+from flwr_kd.distill import DistillConfig, average_logits
+from flwr_kd.fanout import FanOut, ProcessFanOut
+from flwr_kd.models import ModelSpec
+from flwr_kd.records import State
+from flwr_kd.strategy.hetero import ClientReply, HeteroFedAvg
+from flwr_kd.tasks import DistillTask, run_distill_task
+
+TEACHERS = ("clients", "server")
+LOGITS_DTYPES = ("float16", "float32")
+
+
+class FedDF(HeteroFedAvg):
+    """Ensemble distillation across architecture groups.
+
+    Parameters
+    ----------
+    public_x : unlabelled public inputs (N, C, H, W) float32 to distil on.
+    val_x, val_y : small labelled server set for early stopping of distillation.
+    model_spec : classes, channels and image size of the models.
+    distill_config : steps, batch size, learning rate, temperature, early stopping.
+    subset_size : public samples drawn per round (default: all).
+    teacher : "clients" (logits computed by clients) or "server" (seed system's way).
+    logits_dtype : "float16" (default) or "float32" on the wire.
+    fanout : executor for the per-architecture tasks (default: a process pool, closed when
+        `start()` returns).
+    Other keyword arguments go to `HeteroFedAvg`.
+    """
+
+    def __init__(
+        self,
+        *,
+        public_x: np.ndarray,
+        val_x: np.ndarray,
+        val_y: np.ndarray,
+        model_spec: ModelSpec,
+        distill_config: DistillConfig | None = None,
+        subset_size: int | None = None,
+        teacher: str = "clients",
+        logits_dtype: str = "float16",
+        fanout: FanOut | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        if teacher not in TEACHERS:
+            raise ValueError(f"teacher must be one of {TEACHERS}, got '{teacher}'")
+        if logits_dtype not in LOGITS_DTYPES:
+            raise ValueError(f"logits_dtype must be one of {LOGITS_DTYPES}, got '{logits_dtype}'")
+        if len(public_x) == 0:
+            raise ValueError("FedDF needs public data to distil on")
+        self.public_x = np.asarray(public_x, np.float32)
+        self.val_x, self.val_y = val_x, val_y
+        self.model_spec = model_spec
+        self.distill_config = distill_config or DistillConfig()
+        self.subset_size = min(subset_size or len(public_x), len(public_x))
+        self.teacher = teacher
+        self.logits_dtype = logits_dtype
+        self._owns_fanout = fanout is None
+        self.fanout = fanout or ProcessFanOut()
+        self._subset = self.public_x[:0]
+
+    def start(self, *args, **kwargs):
+        """Flower's `Strategy.start`, closing the fan-out workers this strategy created."""
+        try:
+            return super().start(*args, **kwargs)
+        finally:
+            if self._owns_fanout:
+                self.fanout.close()
+
+    def round_payload(self, server_round: int, config: ConfigRecord) -> dict[str, ArrayRecord]:
+        rng = np.random.default_rng((self.seed, server_round))
+        idx = np.sort(rng.choice(len(self.public_x), self.subset_size, replace=False))
+        self._subset = self.public_x[idx]
+        if self.teacher == "server":
+            return {}
+        config["logits-dtype"] = self.logits_dtype
+        return {protocol.PUBLIC: ArrayRecord({"x": Array(self._subset)})}
+
+    def check_reply(self, msg: Message) -> ClientReply | str:
+        parsed = super().check_reply(msg)
+        if isinstance(parsed, str) or self.teacher == "server":
+            return parsed
+        if protocol.LOGITS not in msg.content or "logits" not in msg.content[protocol.LOGITS]:
+            return "reply lacks logits"
+        logits = msg.content[protocol.LOGITS]["logits"].numpy()
+        expected = (len(self._subset), self.model_spec.num_classes)
+        if logits.shape != expected:
+            return f"logits have shape {logits.shape}, expected {expected}"
+        if logits.dtype.name not in LOGITS_DTYPES:
+            return f"logits have dtype {logits.dtype}, expected one of {LOGITS_DTYPES}"
+        if not np.isfinite(logits).all():
+            return "logits have non-finite values"
+        parsed.logits = logits
+        return parsed
+
+    def after_fedavg(self, server_round: int, models: dict[str, State], replies: list[ClientReply]) -> dict[str, State]:
+        teacher = None
+        if self.teacher == "clients":
+            teacher = average_logits([r.logits for r in replies])
+        tasks = [
+            DistillTask(
+                arch=arch,
+                model_spec=self.model_spec,
+                state=state,
+                x=self._subset,
+                val_x=self.val_x,
+                val_y=self.val_y,
+                config=self.distill_config,
+                teacher_logits=teacher,
+                teacher_models=[] if teacher is not None else [(r.arch, r.state) for r in replies],
+                seed=self.seed * 1000 + server_round,
+            )
+            for arch, state in models.items()
+        ]
+        outcomes = self.fanout.map(run_distill_task, tasks)
+        stats = self.stats[server_round]
+        for o in outcomes:
+            stats.distill[o.arch] = {
+                "steps": o.report.steps_run,
+                "best_step": o.report.best_step,
+                "val_accuracy_before": round(o.report.initial_val_accuracy, 4),
+                "val_accuracy_after": round(o.report.best_val_accuracy, 4),
+                "teacher_seconds": round(o.teacher_seconds, 3),
+                "seconds": round(o.distill_seconds, 3),
+            }
+            log(
+                INFO,
+                "distil %s: val acc %.3f -> %.3f (%d steps)",
+                o.arch,
+                o.report.initial_val_accuracy,
+                o.report.best_val_accuracy,
+                o.report.steps_run,
+            )
+        return {o.arch: o.state for o in outcomes}
+
+    def summary(self) -> None:
+        super().summary()
+        log(
+            INFO,
+            "\tFedDF: teacher=%s, subset=%d, logits=%s, %s",
+            self.teacher,
+            self.subset_size,
+            self.logits_dtype,
+            self.distill_config,
+        )
