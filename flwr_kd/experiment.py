@@ -30,7 +30,7 @@ class ExperimentConfig:
     num_server_rounds: int = 5
     archs: str = ",".join(DEFAULT_ARCHITECTURES)
     local_epochs: int = 5
-    batch_size: int = 32
+    batch_size: int = 16
     lr: float = 1e-3
     fraction_train: float = 1.0
     fraction_evaluate: float = 0.0
