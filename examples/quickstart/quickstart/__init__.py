@@ -1,0 +1,1 @@
+"""Quickstart: a standard Flower app that runs flwr-kd's FedDF."""
