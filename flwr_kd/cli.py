@@ -32,6 +32,10 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--teacher", default=d.teacher, help="clients (logits from clients) or server")
     sim.add_argument("--logits-dtype", default=d.logits_dtype)
     sim.add_argument("--fanout", default=d.fanout, help="process (parallel) or serial")
+    sim.add_argument(
+        "-c", "--run-config", action="append", default=[], metavar="KEY=VALUE",
+        help="any other run-config key (see flwr_kd.experiment), repeatable",
+    )
     sim.add_argument("--no-baseline", action="store_true", help="skip the local-only baseline")
     sim.add_argument("--out", default="runs/latest", help="directory for result.json and accuracy.png")
     sim.add_argument("--verbose", action="store_true", help="show Flower's logs")
@@ -40,6 +44,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     """Validated experiment config: raises ConfigError/DataError/UnknownArchitectureError."""
+    extra = {}
+    for item in args.run_config:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--run-config expects KEY=VALUE, got '{item}'")
+        extra[key.strip()] = value.strip()
     cfg = ExperimentConfig.from_run_config(
         {
             "strategy": args.strategy,
@@ -56,6 +66,7 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
             "fanout": args.fanout,
             "local-only-baseline": not args.no_baseline,
             "out-dir": args.out,
+            **extra,
         }
     )
     data = load_federated(cfg.data_spec)  # sample counts and image sizes are known only now

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from flwr_kd.training import evaluate
+from flwr_kd.training import batches, evaluate
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -104,3 +104,44 @@ def distill(
                 break
     model.load_state_dict(best_state)
     return DistillReport(step, best_step, initial_acc, best_acc)
+
+
+DIGEST_LOSSES = ("mae", "kl")
+
+
+def digest(
+    model: torch.nn.Module,
+    x: np.ndarray,
+    consensus: np.ndarray,
+    *,
+    loss: str = "mae",
+    epochs: int = 1,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    temperature: float = 1.0,
+    seed: int = 0,
+) -> float:
+    """FedMD's digest step: train `model` towards the consensus logits on public inputs.
+    `mae` is the paper code's L1 loss on raw logits; `kl` is `kd_loss` at `temperature`.
+    Returns the mean loss of the last epoch."""
+    if loss not in DIGEST_LOSSES:
+        raise ValueError(f"digest loss must be one of {DIGEST_LOSSES}, got '{loss}'")
+    if len(x) != len(consensus):
+        raise ValueError(f"{len(x)} inputs but {len(consensus)} consensus logits")
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    xt, ct = torch.from_numpy(x), torch.from_numpy(np.asarray(consensus, np.float32))
+    last = float("nan")
+    for _ in range(epochs):
+        model.train()
+        total, count = 0.0, 0
+        for idx in batches(len(x), batch_size, rng):
+            out = model(xt[idx])
+            value = F.l1_loss(out, ct[idx]) if loss == "mae" else kd_loss(out, ct[idx], temperature)
+            opt.zero_grad(set_to_none=True)
+            value.backward()
+            opt.step()
+            total, count = total + float(value.detach()) * len(idx), count + len(idx)
+        last = total / max(count, 1)
+    return last

@@ -13,7 +13,7 @@ from flwr_kd.data import DataSpec
 from flwr_kd.distill import DistillConfig
 from flwr_kd.models import DEFAULT_ARCHITECTURES, check_architecture
 
-STRATEGIES = ("feddf", "fedavg")
+STRATEGIES = ("feddf", "fedmd", "fedavg")
 
 
 class ConfigError(ValueError):
@@ -42,6 +42,16 @@ class ExperimentConfig:
     teacher: str = "clients"
     logits_dtype: str = "float16"
     fanout: str = "process"
+    # FedMD (paper defaults scaled for CPU: subset = all public data, digest 1 epoch)
+    pretrain_epochs: int = 20
+    finetune_epochs: int = 20
+    digest_epochs: int = 1
+    digest_batch_size: int = 32
+    digest_loss: str = "mae"
+    revisit_epochs: int = 2
+    min_replies: int = 2
+    measure_pretrain_per_client: bool = False
+    cache_dir: str = ""
     max_private: int = 0
     local_only_baseline: bool = True
     out_dir: str = ""
@@ -87,6 +97,13 @@ class ExperimentConfig:
         )
 
     @property
+    def local_budget_epochs(self) -> int:
+        """Private-data epochs one client gets in the federated run (the local-only budget)."""
+        if self.strategy == "fedmd":
+            return self.finetune_epochs + self.num_server_rounds * self.revisit_epochs
+        return self.num_server_rounds * self.local_epochs
+
+    @property
     def distill_config(self) -> DistillConfig:
         return DistillConfig(
             steps=self.distill_steps,
@@ -119,9 +136,12 @@ class ExperimentConfig:
             raise ConfigError("archs is empty: give timm model names separated by commas")
         for arch in self.arch_list:
             check_architecture(arch)
-        positive = ("local_epochs", "batch_size", "distill_batch_size", "distill_steps")
+        positive = (
+            "local_epochs", "batch_size", "distill_batch_size", "distill_steps", "pretrain_epochs",
+            "finetune_epochs", "digest_epochs", "digest_batch_size", "revisit_epochs",
+        )
         for name in positive:
-            if getattr(self, name) < (0 if name == "distill_steps" else 1):
+            if getattr(self, name) < (0 if name in ("distill_steps", "revisit_epochs") else 1):
                 raise ConfigError(f"{name.replace('_', '-')} must be positive")
         if not 0 < self.fraction_train <= 1:
             raise ConfigError(f"fraction-train must lie in (0, 1], got {self.fraction_train}")
@@ -129,6 +149,10 @@ class ExperimentConfig:
             raise ConfigError(f"teacher must be clients or server, got '{self.teacher}'")
         if self.logits_dtype not in ("float16", "float32"):
             raise ConfigError(f"logits-dtype must be float16 or float32, got '{self.logits_dtype}'")
+        if self.digest_loss not in ("mae", "kl"):
+            raise ConfigError(f"digest-loss must be mae or kl, got '{self.digest_loss}'")
+        if not 1 <= self.min_replies <= self.num_clients:
+            raise ConfigError(f"min-replies must lie in [1, num-clients], got {self.min_replies}")
         if self.fanout not in ("process", "serial"):
             raise ConfigError(f"fanout must be process or serial, got '{self.fanout}'")
         self.data_spec  # noqa: B018 - DataSpec validates clients, alpha and dataset name

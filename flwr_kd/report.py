@@ -7,6 +7,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -17,22 +18,14 @@ from flwr_kd.records import unpack_models
 from flwr_kd.training import evaluate
 
 
-class RoundRecorder:
-    """Flower `evaluate_fn` that scores every architecture on the server's test set, times each
-    round (the span between two calls) and prints one table row per round."""
+class ServerTestScore:
+    """Test accuracy of every architecture's global model on the server's test set."""
 
-    def __init__(self, archs: list[str], model_spec: ModelSpec, test_x: np.ndarray, test_y: np.ndarray, out=sys.stdout):
+    def __init__(self, archs: list[str], model_spec: ModelSpec, test_x: np.ndarray, test_y: np.ndarray):
         self.archs, self.model_spec = archs, model_spec
         self.test_x, self.test_y = test_x, test_y
-        self.out = out
-        self.rounds: list[dict] = []
-        self._last = time.perf_counter()
 
-    def header(self, title: str) -> None:
-        cols = "".join(f"{a[:22]:>24}" for a in self.archs)
-        print(f"\n{title}\n{'round':>5}{cols}{'mean':>8}{'seconds':>9}", file=self.out, flush=True)
-
-    def accuracy(self, arrays: ArrayRecord) -> dict[str, float]:
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> dict[str, float]:
         models = unpack_models(arrays)
         scores = {}
         for arch in self.archs:
@@ -41,19 +34,30 @@ class RoundRecorder:
             scores[arch] = round(evaluate(model, self.test_x, self.test_y)[1], 4)
         return scores
 
-    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        now = time.perf_counter()
-        seconds, self._last = now - self._last, now
-        acc = self.accuracy(arrays)
-        self.add_row(server_round, acc, seconds if server_round else 0.0)
-        return MetricRecord({"accuracy": float(np.mean(list(acc.values()))), **{f"accuracy/{a}": v for a, v in acc.items()}})
 
-    def add_row(self, server_round: int, acc: dict[str, float], seconds: float) -> None:
+class RoundRecorder:
+    """Flower `evaluate_fn` that scores every architecture with `score(round, arrays)`, times
+    each round (the span between two calls) and prints one table row per round."""
+
+    def __init__(self, archs: list[str], score: Callable[[int, ArrayRecord], dict[str, float]], out=sys.stdout):
+        self.archs, self.score, self.out = archs, score, out
+        self.rounds: list[dict] = []
+        self._last = time.perf_counter()
+
+    def header(self, title: str) -> None:
+        cols = "".join(f"{a[:22]:>24}" for a in self.archs)
+        print(f"\n{title}\n{'round':>5}{cols}{'mean':>8}{'seconds':>9}", file=self.out, flush=True)
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        seconds = time.perf_counter() - self._last
+        acc = self.score(server_round, arrays)
         mean = float(np.mean(list(acc.values())))
+        seconds = seconds if server_round else 0.0
         self.rounds.append({"round": server_round, "accuracy": acc, "mean_accuracy": round(mean, 4), "seconds": round(seconds, 3)})
-        cols = "".join(f"{acc[a]:>24.3f}" for a in self.archs)
+        cols = "".join(f"{acc.get(a, float('nan')):>24.3f}" for a in self.archs)
         print(f"{server_round:>5}{cols}{mean:>8.3f}{seconds:>9.1f}", file=self.out, flush=True)
         self._last = time.perf_counter()
+        return MetricRecord({"accuracy": mean, **{f"accuracy/{a}": v for a, v in acc.items()}})
 
 
 def _atomic_write(path: Path, write) -> None:

@@ -7,22 +7,26 @@ local-only baseline, and writes the report.
 
 from __future__ import annotations
 
+import tempfile
 import time
 from logging import INFO
+from pathlib import Path
 
 import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
 
 from flwr_kd.data import FederatedData, load_federated
 from flwr_kd.experiment import ExperimentConfig
 from flwr_kd.fanout import FanOut, make_fanout
 from flwr_kd.models import ModelSpec, create_model, state_to_numpy
 from flwr_kd.records import pack_models
-from flwr_kd.report import RoundRecorder, print_summary, write_result
-from flwr_kd.strategy import FedDF, HeteroFedAvg
+from flwr_kd.pretrain import PretrainConfig
+from flwr_kd.report import RoundRecorder, ServerTestScore, print_summary, write_result
+from flwr_kd.strategy import FedDF, FedMD, HeteroFedAvg
 from flwr_kd.tasks import LocalTrainTask, run_local_train_task
 
 
@@ -35,7 +39,34 @@ def initial_arrays(archs: list[str], spec: ModelSpec, seed: int):
     return pack_models(models)
 
 
-def build_strategy(cfg: ExperimentConfig, data: FederatedData, fanout: FanOut) -> HeteroFedAvg:
+def build_strategy(cfg: ExperimentConfig, data: FederatedData, fanout: FanOut, state_uri: str) -> Strategy:
+    """The strategy the run config names; `state_uri` is where FedMD clients keep models."""
+    if cfg.strategy == "fedmd":
+        return FedMD(
+            public_x=data.public_x,
+            public_y=data.public_y,
+            val_x=data.val_x,
+            val_y=data.val_y,
+            model_spec=data.model_spec,
+            state_uri=state_uri,
+            subset_size=cfg.subset_size or None,
+            digest_loss=cfg.digest_loss,
+            digest_epochs=cfg.digest_epochs,
+            digest_batch_size=cfg.digest_batch_size,
+            revisit_epochs=cfg.revisit_epochs,
+            batch_size=cfg.batch_size,
+            lr=cfg.lr,
+            temperature=cfg.temperature,
+            finetune_epochs=cfg.finetune_epochs,
+            pretrain=PretrainConfig(epochs=cfg.pretrain_epochs, lr=cfg.lr, seed=cfg.seed),
+            cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else None,
+            min_replies=cfg.min_replies,
+            min_available_nodes=cfg.num_clients,
+            logits_dtype=cfg.logits_dtype,
+            fanout=fanout,
+            measure_pretrain_per_client=cfg.measure_pretrain_per_client,
+            seed=cfg.seed,
+        )
     common = dict(
         fraction_train=cfg.fraction_train,
         fraction_evaluate=cfg.fraction_evaluate,
@@ -59,8 +90,9 @@ def build_strategy(cfg: ExperimentConfig, data: FederatedData, fanout: FanOut) -
 
 
 def local_only_baseline(cfg: ExperimentConfig, data: FederatedData, fanout: FanOut) -> dict[str, float]:
-    """Each architecture trained on one client's private data alone, with the federated run's
-    local-epoch budget, on the same test set; the mean over that architecture's clients."""
+    """Each architecture trained on one client's private data alone, with the private-data
+    epochs a client gets in the federated run, on the same test set; the mean over that
+    architecture's clients."""
     tasks = []
     for pid in range(cfg.num_clients):
         x, y, _, _ = data.client_data(pid)
@@ -72,7 +104,7 @@ def local_only_baseline(cfg: ExperimentConfig, data: FederatedData, fanout: FanO
                 y=y,
                 test_x=data.test_x,
                 test_y=data.test_y,
-                epochs=cfg.num_server_rounds * cfg.local_epochs,
+                epochs=cfg.local_budget_epochs,
                 batch_size=cfg.batch_size,
                 lr=cfg.lr,
                 seed=cfg.seed * 1000 + pid,
@@ -90,10 +122,14 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig) -> dict:
     """Run one experiment on `grid`; returns (and writes, if out-dir is set) the result."""
     t0 = time.perf_counter()
     data = load_federated(cfg.data_spec)
-    recorder = RoundRecorder(cfg.arch_list, data.model_spec, data.test_x, data.test_y)
     client_config = ConfigRecord(cfg.client_config())
-    with make_fanout(cfg.fanout) as fanout:
-        strategy = build_strategy(cfg, data, fanout)
+    with make_fanout(cfg.fanout) as fanout, tempfile.TemporaryDirectory(prefix="flwr-kd-clients-") as state_dir:
+        strategy = build_strategy(cfg, data, fanout, state_uri=f"file://{state_dir}")
+        if isinstance(strategy, FedMD):  # client models stay on clients: they report accuracy
+            score = lambda server_round, arrays: strategy.accuracy[server_round]  # noqa: E731
+        else:
+            score = ServerTestScore(cfg.arch_list, data.model_spec, data.test_x, data.test_y)
+        recorder = RoundRecorder(cfg.arch_list, score)
         recorder.header(f"{cfg.strategy} on {cfg.dataset}: test accuracy per architecture")
         flower_result = strategy.start(
             grid=grid,
@@ -104,6 +140,8 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig) -> dict:
             evaluate_fn=recorder,
         )
         baselines = {}
+        if isinstance(strategy, FedMD):
+            baselines["transfer_only"] = recorder.rounds[0]["accuracy"]
         if cfg.local_only_baseline:
             log(INFO, "Local-only baseline")
             t_base = time.perf_counter()
@@ -128,11 +166,13 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig) -> dict:
     result = {
         "config": cfg.to_run_config(),
         "architectures": {a: sum(cfg.arch_of_partition(p) == a for p in range(cfg.num_clients)) for a in cfg.arch_list},
-        "initial": recorder.rounds[0] if recorder.rounds else {},
+        "initial": {**recorder.rounds[0], **({"phase": strategy.stats[0].to_dict()} if 0 in strategy.stats else {})},
         "rounds": rounds,
         "baselines": baselines,
         "seconds": {"total": round(time.perf_counter() - t0, 2)},
     }
+    if isinstance(strategy, FedMD):
+        result["transfer_learning"] = strategy.transfer.to_dict()
     if cfg.local_only_baseline:
         result["seconds"]["local_only_baseline"] = round(baseline_seconds, 2)
     print_summary(result)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -10,8 +13,8 @@ EVAL_BATCH = 512
 
 
 def batches(n: int, batch_size: int, rng: np.random.Generator | None):
-    """Index batches over n samples (shuffled when rng is given); no batch of one sample,
-    which BatchNorm cannot train on."""
+    """Index batches over n samples, shuffled when rng is given. Training skips a trailing
+    batch of one sample, which BatchNorm cannot train on."""
     order = rng.permutation(n) if rng is not None else np.arange(n)
     for start in range(0, n, batch_size):
         idx = order[start : start + batch_size]
@@ -29,28 +32,62 @@ def train_supervised(
     batch_size: int = 32,
     lr: float = 1e-3,
     seed: int = 0,
+    on_epoch_end: Callable[[int], bool] | None = None,
 ) -> float:
-    """Cross-entropy training with Adam; returns the mean loss of the last epoch."""
-    if len(x) == 0 or epochs <= 0:
+    """Cross-entropy training with Adam; returns the mean loss of the last epoch.
+    `on_epoch_end(epoch)` may return True to stop early."""
+    if len(x) < 2 or epochs <= 0:
         return float("nan")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    model.train()
     last = float("nan")
-    for _ in range(epochs):
+    for epoch in range(1, epochs + 1):
+        model.train()
         total, count = 0.0, 0
         for idx in batches(len(x), batch_size, rng):
-            if len(idx) < 2:  # a lone sample cannot pass BatchNorm in train mode
-                continue
             loss = F.cross_entropy(model(xt[idx]), yt[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             total, count = total + float(loss.detach()) * len(idx), count + len(idx)
         last = total / count if count else float("nan")
+        if on_epoch_end is not None and on_epoch_end(epoch):
+            break
     return last
+
+
+def train_with_early_stopping(
+    model: torch.nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    holdout_x: np.ndarray,
+    holdout_y: np.ndarray,
+    *,
+    max_epochs: int,
+    patience: int = 3,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    seed: int = 0,
+) -> tuple[int, float]:
+    """Train up to `max_epochs`, keeping the weights with the best held-out accuracy (the
+    starting weights included); stop after `patience` epochs without improvement.
+    Returns (best epoch, best held-out accuracy). Without held-out data it trains all epochs."""
+    if len(holdout_x) == 0:
+        train_supervised(model, x, y, epochs=max_epochs, batch_size=batch_size, lr=lr, seed=seed)
+        return max_epochs, float("nan")
+    best = {"epoch": 0, "acc": evaluate(model, holdout_x, holdout_y)[1], "state": copy.deepcopy(model.state_dict())}
+
+    def check(epoch: int) -> bool:
+        acc = evaluate(model, holdout_x, holdout_y)[1]
+        if acc > best["acc"]:
+            best.update(epoch=epoch, acc=acc, state=copy.deepcopy(model.state_dict()))
+        return epoch - best["epoch"] >= patience
+
+    train_supervised(model, x, y, epochs=max_epochs, batch_size=batch_size, lr=lr, seed=seed, on_epoch_end=check)
+    model.load_state_dict(best["state"])
+    return best["epoch"], best["acc"]
 
 
 @torch.no_grad()

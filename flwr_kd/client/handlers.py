@@ -5,7 +5,8 @@
 - `query.architecture`: the node's timm architecture and sample count (the server asks once);
 - `train`: load the received weights of this node's architecture, train on private data, and
   reply the weights plus float16 logits on the round's public inputs (FedDF's teacher);
-- `evaluate`: accuracy of the received model on the node's held-out private data.
+- `evaluate`: accuracy of the received model on the node's held-out private data;
+- `train.fedmd`: one fused FedMD round (see `fedmd_round`).
 
 The same functions serve the simulation engine and the client Cloud Function. They are plain
 functions of (Message, Context): no state lives in the ClientApp object, which Flower pickles
@@ -17,15 +18,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import time
+
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from flwr_kd import protocol
+from flwr_kd.state import open_state_store
 from flwr_kd.data import DataSpec, load_federated
+from flwr_kd.distill import digest
 from flwr_kd.models import ModelSpec, create_model, load_numpy_state, state_to_numpy
 from flwr_kd.records import record_to_state, state_to_record
-from flwr_kd.training import evaluate, predict_logits, train_supervised
+from flwr_kd.training import evaluate, predict_logits, train_supervised, train_with_early_stopping
 
 
 @dataclass
@@ -37,6 +42,9 @@ class ClientData:
     holdout_x: np.ndarray
     holdout_y: np.ndarray
     model_spec: ModelSpec
+    public_x: np.ndarray | None = None  # FedMD: the public set, addressed by index
+    test_x: np.ndarray | None = None  # optional shared test set for per-round accuracy
+    test_y: np.ndarray | None = None
 
 
 def partition_id(context: Context) -> int:
@@ -49,7 +57,9 @@ def load_split_partition(context: Context, config: ConfigRecord) -> ClientData:
     """The default data source: this node's partition of the flwr-kd split named in config."""
     data = load_federated(DataSpec.from_config(dict(config)))
     train_x, train_y, hold_x, hold_y = data.client_data(partition_id(context))
-    return ClientData(train_x, train_y, hold_x, hold_y, data.model_spec)
+    return ClientData(
+        train_x, train_y, hold_x, hold_y, data.model_spec, data.public_x, data.test_x, data.test_y
+    )
 
 
 def resolve_architecture(context: Context, config: ConfigRecord | None = None) -> str:
@@ -78,6 +88,7 @@ class KDClient:
         app.query("architecture")(self.describe)
         app.train()(self.train)
         app.evaluate()(self.evaluate)
+        app.train("fedmd")(self.fedmd_round)
         return app
 
     # -- handlers -----------------------------------------------------------------------
@@ -143,3 +154,86 @@ class KDClient:
             },
         )
 
+
+    def fedmd_round(self, message: Message, context: Context) -> Message:
+        """One FedMD round in one call: digest the previous consensus, revisit the private
+        data, and reply logits on the next public subset (the paper needs three calls).
+
+        `phase=init` instead fine-tunes the received pretrained weights on private data, with
+        early stopping on the held-out slice. The client's model persists in the state store
+        named by `state-uri`, under this node's id.
+        """
+        config = message.content[protocol.CONFIG]
+        data = self.load_data(context, config)
+        arch = resolve_architecture(context, config)
+        if str(config.get("arch", arch)) != arch:
+            raise ValueError(f"server addressed a '{config['arch']}' node, this node is '{arch}'")
+        store = open_state_store(str(config["state-uri"]))
+        key = f"node-{context.node_id}"
+        model = create_model(arch, data.model_spec)
+        seed = int(config.get("server-round", 0)) * 1000 + context.node_id % 1000
+        timings: dict[str, float] = {}
+        t = time.perf_counter()
+        if config["phase"] == "init":
+            load_numpy_state(model, record_to_state(message.content[protocol.ARRAYS]))
+            train_with_early_stopping(
+                model, data.train_x, data.train_y, data.holdout_x, data.holdout_y,
+                max_epochs=int(config.get("finetune-epochs", 20)),
+                patience=int(config.get("finetune-patience", 3)),
+                batch_size=int(config.get("batch-size", 32)),
+                lr=float(config.get("lr", 1e-3)),
+                seed=seed,
+            )
+            timings["finetune-seconds"] = time.perf_counter() - t
+        else:
+            state = store.load(key)
+            if state is None:
+                raise ValueError(f"no saved model for {key} in {config['state-uri']}: run phase 'init' first")
+            load_numpy_state(model, state)
+            consensus = message.content[protocol.CONSENSUS]
+            digest(
+                model,
+                self._public(consensus["indices"].numpy(), data),
+                consensus["logits"].numpy(),
+                loss=str(config.get("digest-loss", "mae")),
+                epochs=int(config.get("digest-epochs", 1)),
+                batch_size=int(config.get("digest-batch-size", 256)),
+                lr=float(config.get("lr", 1e-3)),
+                temperature=float(config.get("temperature", 1.0)),
+                seed=seed,
+            )
+            timings["digest-seconds"] = time.perf_counter() - t
+            t = time.perf_counter()
+            train_supervised(
+                model, data.train_x, data.train_y,
+                epochs=int(config.get("revisit-epochs", 2)),
+                batch_size=int(config.get("batch-size", 32)),
+                lr=float(config.get("lr", 1e-3)),
+                seed=seed + 1,
+            )
+            timings["revisit-seconds"] = time.perf_counter() - t
+        store.save(key, state_to_numpy(model))
+        t = time.perf_counter()
+        indices = message.content[protocol.PUBLIC]["indices"].numpy()
+        dtype = np.dtype(str(config.get("logits-dtype", "float16")))
+        logits = predict_logits(model, self._public(indices, data)).astype(dtype)
+        timings["logits-seconds"] = time.perf_counter() - t
+        metrics = {"num-examples": len(data.train_x), **timings}
+        if data.test_x is not None:
+            metrics["test-accuracy"] = evaluate(model, data.test_x, data.test_y)[1]
+        return reply(
+            message,
+            **{
+                protocol.LOGITS: ArrayRecord({"logits": Array(logits), "indices": Array(indices)}),
+                protocol.CONFIG: ConfigRecord({"arch": arch, "subset-round": int(config["subset-round"])}),
+                protocol.METRICS: MetricRecord(metrics),
+            },
+        )
+
+    @staticmethod
+    def _public(indices: np.ndarray, data: ClientData) -> np.ndarray:
+        if data.public_x is None:
+            raise ValueError("this client has no public data; its load_data must set public_x")
+        if len(indices) and (indices.min() < 0 or indices.max() >= len(data.public_x)):
+            raise ValueError(f"public indices out of range for {len(data.public_x)} samples")
+        return data.public_x[indices]

@@ -1,6 +1,7 @@
 """flwr-kd strategies (Flower Message API)."""
 
 from flwr_kd.strategy.feddf import FedDF
+from flwr_kd.strategy.fedmd import FedMD, FedMDError
 from flwr_kd.strategy.hetero import HeteroFedAvg
 
-__all__ = ["FedDF", "HeteroFedAvg"]
+__all__ = ["FedDF", "FedMD", "FedMDError", "HeteroFedAvg"]

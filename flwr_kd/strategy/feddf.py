@@ -22,11 +22,10 @@ from flwr_kd.distill import DistillConfig, average_logits
 from flwr_kd.fanout import FanOut, ProcessFanOut
 from flwr_kd.models import ModelSpec
 from flwr_kd.records import State
-from flwr_kd.strategy.hetero import ClientReply, HeteroFedAvg
+from flwr_kd.strategy.hetero import LOGITS_DTYPES, ClientReply, HeteroFedAvg, logits_problem
 from flwr_kd.tasks import DistillTask, run_distill_task
 
 TEACHERS = ("clients", "server")
-LOGITS_DTYPES = ("float16", "float32")
 
 
 class FedDF(HeteroFedAvg):
@@ -102,13 +101,9 @@ class FedDF(HeteroFedAvg):
         if protocol.LOGITS not in msg.content or "logits" not in msg.content[protocol.LOGITS]:
             return "reply lacks logits"
         logits = msg.content[protocol.LOGITS]["logits"].numpy()
-        expected = (len(self._subset), self.model_spec.num_classes)
-        if logits.shape != expected:
-            return f"logits have shape {logits.shape}, expected {expected}"
-        if logits.dtype.name not in LOGITS_DTYPES:
-            return f"logits have dtype {logits.dtype}, expected one of {LOGITS_DTYPES}"
-        if not np.isfinite(logits).all():
-            return "logits have non-finite values"
+        problem = logits_problem(logits, (len(self._subset), self.model_spec.num_classes))
+        if problem:
+            return problem
         parsed.logits = logits
         return parsed
 

@@ -22,6 +22,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from flwr_kd import protocol
+from flwr_kd.strategy.nodes import ArchitectureRegistry, count_by_value
 from flwr_kd.records import State, pack_models, record_to_state, state_to_record, unpack_models
 
 
@@ -68,7 +69,21 @@ def fedavg(states: list[State], weights: list[float]) -> State:
     return out
 
 
-def _payload_bytes(content: RecordDict) -> int:
+LOGITS_DTYPES = ("float16", "float32")
+
+
+def logits_problem(logits: np.ndarray, expected_shape: tuple[int, int]) -> str | None:
+    """Why these logits cannot join a teacher or consensus, or None if they can."""
+    if logits.shape != expected_shape:
+        return f"logits have shape {logits.shape}, expected {expected_shape}"
+    if logits.dtype.name not in LOGITS_DTYPES:
+        return f"logits have dtype {logits.dtype}, expected one of {LOGITS_DTYPES}"
+    if not np.isfinite(logits).all():
+        return "logits have non-finite values"
+    return None
+
+
+def payload_bytes(content: RecordDict) -> int:
     return sum(record.count_bytes() for record in content.array_records.values())
 
 
@@ -97,32 +112,19 @@ class HeteroFedAvg(Strategy):
         self.min_evaluate_nodes = min_evaluate_nodes
         self.min_available_nodes = min_available_nodes
         self.seed = seed
-        self.node_arch: dict[int, str] = {}
+        self.nodes = ArchitectureRegistry(min_available_nodes)
         self.stats: dict[int, RoundStats] = {}
         self._global: dict[str, State] = {}
         self._sent_at = 0.0
 
     # -- nodes -----------------------------------------------------------------------------
 
+    @property
+    def node_arch(self) -> dict[int, str]:
+        return self.nodes.arch_of
+
     def discover_architectures(self, grid: Grid, config: ConfigRecord) -> dict[int, str]:
-        """Ask nodes not seen yet for their architecture (one query each, ever)."""
-        while len(node_ids := list(grid.get_node_ids())) < self.min_available_nodes:
-            log(INFO, "Waiting for nodes: %d of %d connected", len(node_ids), self.min_available_nodes)
-            time.sleep(1)
-        unknown = [n for n in node_ids if n not in self.node_arch]
-        if unknown:
-            queries = [
-                Message(RecordDict({protocol.CONFIG: config}), dst_node_id=n, message_type=protocol.DESCRIBE)
-                for n in unknown
-            ]
-            for msg in grid.send_and_receive(queries):
-                node = msg.metadata.src_node_id
-                if msg.has_error():
-                    log(WARNING, "node %s did not describe itself: %s", node, msg.error.reason)
-                    continue
-                self.node_arch[node] = str(msg.content[protocol.CONFIG]["arch"])
-            log(INFO, "Architectures: %s", _count(self.node_arch.values()))
-        return {n: self.node_arch[n] for n in node_ids if n in self.node_arch}
+        return self.nodes.refresh(grid, config)
 
     def _sample(self, grid: Grid, config: ConfigRecord, fraction: float, minimum: int, round_: int) -> dict[int, str]:
         archs = self.discover_architectures(grid, config)
@@ -158,9 +160,9 @@ class HeteroFedAvg(Strategy):
                     **payload,
                 }
             )
-            stats.bytes_down += _payload_bytes(content)
+            stats.bytes_down += payload_bytes(content)
             messages.append(Message(content, dst_node_id=node, message_type=protocol.TRAIN))
-        log(INFO, "configure_train: %d nodes (%s)", len(nodes), _count(nodes.values()))
+        log(INFO, "configure_train: %d nodes (%s)", len(nodes), count_by_value(nodes.values()))
         stats.seconds["configure"] = time.perf_counter() - t0
         self._sent_at = time.perf_counter()
         return messages
@@ -205,7 +207,7 @@ class HeteroFedAvg(Strategy):
         accepted: list[ClientReply] = []
         for msg in replies:
             if not msg.has_error():
-                stats.bytes_up += _payload_bytes(msg.content)
+                stats.bytes_up += payload_bytes(msg.content)
             parsed = self.check_reply(msg)
             if isinstance(parsed, str):
                 node = msg.metadata.src_node_id
@@ -285,9 +287,3 @@ class HeteroFedAvg(Strategy):
             self.min_available_nodes,
         )
 
-
-def _count(values: Iterable[str]) -> str:
-    counts: dict[str, int] = {}
-    for v in values:
-        counts[v] = counts.get(v, 0) + 1
-    return ", ".join(f"{k}: {v}" for k, v in counts.items())

@@ -1,0 +1,173 @@
+"""The distillation core: loss, ensemble teacher, and the early-stopped distillation loop."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from flwr_kd.distill import DistillConfig, average_logits, distill, kd_loss
+from flwr_kd.models import create_model
+from flwr_kd.training import evaluate, train_supervised
+
+# ---------------------------------------------------------------------------- kd_loss
+
+
+def _reference_kd(student: torch.Tensor, teacher: torch.Tensor, t: float) -> torch.Tensor:
+    """KL(softmax(teacher/T) || softmax(student/T)) * T^2, averaged over the batch, by hand."""
+    log_p_teacher = torch.log_softmax(teacher / t, dim=1)
+    log_p_student = torch.log_softmax(student / t, dim=1)
+    kl_per_sample = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=1)
+    return kl_per_sample.sum() / student.shape[0] * t * t
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0, 4.0, 10.0])
+def test_kd_loss_equals_hand_computed_kl(temperature):
+    g = torch.Generator().manual_seed(int(temperature * 10))
+    student = torch.randn(7, 5, generator=g, dtype=torch.float64) * 3
+    teacher = torch.randn(7, 5, generator=g, dtype=torch.float64) * 3
+    got = kd_loss(student, teacher, temperature)
+    want = _reference_kd(student, teacher, temperature)
+    assert got.shape == ()
+    assert got.item() > 0
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_kd_loss_is_zero_for_identical_logits_and_invariant_to_shifts():
+    logits = torch.randn(4, 6, generator=torch.Generator().manual_seed(1))
+    assert kd_loss(logits, logits.clone(), 2.0).item() == pytest.approx(0.0, abs=1e-6)
+    # softmax ignores a per-row constant: the teacher shifted by 5 is the same distribution
+    assert kd_loss(logits, logits + 5.0, 2.0).item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 3.0])
+def test_kd_loss_gradient_flows_to_student_only_and_matches_analytic(temperature):
+    g = torch.Generator().manual_seed(2)
+    student = torch.randn(6, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    kd_loss(student, teacher, temperature).backward()
+    assert student.grad is not None and torch.isfinite(student.grad).all()
+    assert student.grad.abs().sum() > 0
+    # d/ds [T^2 * KL(p_t || softmax(s/T))] / B = T * (softmax(s/T) - p_t) / B
+    expected = (
+        temperature
+        * (torch.softmax(student.detach() / temperature, 1) - torch.softmax(teacher / temperature, 1))
+        / student.shape[0]
+    )
+    torch.testing.assert_close(student.grad, expected, rtol=1e-9, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------- average_logits
+
+
+def _logits(n: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.normal(size=(5, 3)).astype(np.float32) for _ in range(n)]
+
+
+def test_average_logits_unweighted_is_the_mean():
+    arrays = _logits(4)
+    got = average_logits(arrays)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, np.mean(np.stack(arrays), axis=0), rtol=1e-6, atol=1e-6)
+
+
+def test_average_logits_weighted_matches_numpy_average():
+    arrays = _logits(3, seed=1)
+    weights = [1.0, 3.0, 0.0]
+    got = average_logits(arrays, weights)
+    np.testing.assert_allclose(
+        got, np.average(np.stack(arrays), axis=0, weights=weights), rtol=1e-6, atol=1e-6
+    )
+    # the zero-weight model has no influence
+    np.testing.assert_allclose(got, (arrays[0] + 3 * arrays[1]) / 4, rtol=1e-6, atol=1e-6)
+
+
+def test_average_logits_accepts_float16_and_returns_float32():
+    arrays = [a.astype(np.float16) for a in _logits(2, seed=2)]
+    got = average_logits(arrays)
+    assert got.dtype == np.float32
+    want = (arrays[0].astype(np.float32) + arrays[1].astype(np.float32)) / 2
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_average_logits_rejects_empty_list():
+    with pytest.raises(ValueError, match="no logits"):
+        average_logits([])
+
+
+@pytest.mark.parametrize(
+    "weights",
+    [[1.0], [1.0, 2.0, 3.0], [1.0, -1.0], [0.0, 0.0], [[1.0, 1.0]]],
+    ids=["too-few", "too-many", "negative", "all-zero", "wrong-shape"],
+)
+def test_average_logits_rejects_bad_weights(weights):
+    with pytest.raises(ValueError, match="weights"):
+        average_logits(_logits(2), weights)
+
+
+# ---------------------------------------------------------------------------- distill
+
+
+def _one_hot_logits(labels: np.ndarray, num_classes: int, scale: float) -> np.ndarray:
+    return (np.eye(num_classes, dtype=np.float32)[labels] * scale).astype(np.float32)
+
+
+def _states_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_distill_rejects_mismatched_teacher(digits):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(256, 10))
+    with pytest.raises(ValueError, match="teacher logits"):
+        distill(
+            model,
+            digits.public_x[:10],
+            np.zeros((9, 10), np.float32),
+            digits.val_x,
+            digits.val_y,
+            DistillConfig(steps=1),
+        )
+
+
+def test_distill_restores_initial_weights_when_teacher_only_hurts(digits):
+    """A model already perfect on validation, distilled towards wrong labels: every step makes
+    it worse, so early stopping must stop after `patience` steps and hand back the very
+    starting weights (BatchNorm buffers included)."""
+    x, y = digits.public_x[:128], digits.public_y[:128]
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Flatten(), nn.Linear(256, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 10)
+    )
+    for epoch in range(40):
+        train_supervised(model, x, y, epochs=1, batch_size=32, lr=1e-2, seed=epoch)
+        if evaluate(model, x, y)[1] == 1.0:
+            break
+    assert evaluate(model, x, y)[1] == 1.0, "precondition: the model fits its validation set"
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+
+    wrong_teacher = _one_hot_logits((y + 1) % 10, 10, scale=10.0)
+    config = DistillConfig(steps=200, batch_size=64, lr=1e-2, eval_every=5, patience=20)
+    report = distill(model, x, wrong_teacher, x, y, config, seed=0)
+
+    assert report.best_step == 0
+    assert report.steps_run == 20  # stopped by patience, far before the 200-step budget
+    assert report.initial_val_accuracy == report.best_val_accuracy == 1.0
+    assert _states_equal(model.state_dict(), initial)
+    assert evaluate(model, x, y)[1] == 1.0
+
+
+def test_distill_towards_good_teacher_improves_validation_accuracy(digits):
+    torch.manual_seed(0)
+    model = create_model("resnet10t", digits.model_spec)
+    teacher = _one_hot_logits(digits.public_y, digits.model_spec.num_classes, scale=5.0)
+    config = DistillConfig(steps=60, batch_size=64, lr=1e-3, eval_every=10, patience=1000)
+    report = distill(model, digits.public_x, teacher, digits.val_x, digits.val_y, config, seed=0)
+
+    assert report.steps_run == 60
+    assert report.best_step > 0
+    assert report.initial_val_accuracy < 0.3  # an untrained model guesses
+    assert report.best_val_accuracy > report.initial_val_accuracy + 0.3
+    # the model handed back is the best one seen
+    assert evaluate(model, digits.val_x, digits.val_y)[1] == pytest.approx(report.best_val_accuracy)
