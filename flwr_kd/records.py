@@ -16,7 +16,7 @@ State = dict[str, np.ndarray]
 
 
 def state_to_record(state: State) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
+    return ArrayRecord({k: Array(np.require(v, requirements="C")) for k, v in state.items()})
 
 
 def record_to_state(record: ArrayRecord) -> State:
@@ -30,7 +30,7 @@ def pack_models(models: dict[str, State]) -> ArrayRecord:
         if SEP in arch:
             raise ValueError(f"architecture name '{arch}' must not contain '{SEP}'")
         for key, value in state.items():
-            record[f"{arch}{SEP}{key}"] = Array(np.ascontiguousarray(value))
+            record[f"{arch}{SEP}{key}"] = Array(np.require(value, requirements="C"))
     return record
 
 

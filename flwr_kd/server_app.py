@@ -56,7 +56,7 @@ def build_strategy(cfg: ExperimentConfig, data: FederatedData, fanout: FanOut, s
             revisit_epochs=cfg.revisit_epochs,
             batch_size=cfg.batch_size,
             lr=cfg.lr,
-            temperature=cfg.temperature,
+            temperature=cfg.digest_temperature,
             finetune_epochs=cfg.finetune_epochs,
             pretrain=PretrainConfig(epochs=cfg.pretrain_epochs, lr=cfg.lr, seed=cfg.seed),
             cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else None,

@@ -135,7 +135,7 @@ def _toy_state(seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {
         "conv.weight": rng.normal(size=(4, 1, 3, 3)).astype(np.float32),
-        "bn.num_batches_tracked": np.array(seed, dtype=np.int64),
+        "bn.counts": np.array([seed, seed + 1], dtype=np.int64),
         "fc.bias": rng.normal(size=(3,)).astype(np.float32),
     }
 
@@ -154,6 +154,7 @@ def test_pack_and_unpack_models_round_trip():
         assert list(back[arch]) == list(state)  # order of keys kept
         for key, value in state.items():
             assert back[arch][key].dtype == value.dtype
+            assert back[arch][key].shape == value.shape
             np.testing.assert_array_equal(back[arch][key], value)
 
 
@@ -179,4 +180,17 @@ def test_state_record_round_trip():
     back = record_to_state(state_to_record(state))
     assert list(back) == list(state)
     for key in state:
+        assert back[key].shape == state[key].shape and back[key].dtype == state[key].dtype
         np.testing.assert_array_equal(back[key], state[key])
+
+
+def test_records_keep_zero_dim_buffers_zero_dim():
+    """BatchNorm's `num_batches_tracked` is a 0-d tensor; its shape must survive a record."""
+    state = state_to_numpy(create_model("resnet10t", SPECS[0]))
+    scalars = [k for k, v in state.items() if v.ndim == 0]
+    assert scalars, "resnet10t has 0-d BatchNorm counters"
+    via_record = record_to_state(state_to_record(state))
+    via_pack = unpack_models(pack_models({"resnet10t": state}))["resnet10t"]
+    for key in scalars:
+        assert via_record[key].shape == (), key
+        assert via_pack[key].shape == (), key

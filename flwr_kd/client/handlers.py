@@ -53,6 +53,11 @@ def partition_id(context: Context) -> int:
     return int(context.node_config["partition-id"])
 
 
+def node_seed(context: Context) -> int:
+    """A per-node seed that is stable across runs: the partition id where there is one."""
+    return int(context.node_config.get("partition-id", context.node_id % 100_000))
+
+
 def load_split_partition(context: Context, config: ConfigRecord) -> ClientData:
     """The default data source: this node's partition of the flwr-kd split named in config."""
     data = load_federated(DataSpec.from_config(dict(config)))
@@ -125,7 +130,7 @@ class KDClient:
             epochs=int(config.get("local-epochs", 1)),
             batch_size=int(config.get("batch-size", 32)),
             lr=float(config.get("lr", 1e-3)),
-            seed=int(config.get("server-round", 0)) * 1000 + partition_id(context),
+            seed=int(config.get("server-round", 0)) * 100_000 + node_seed(context),
         )
         records = {
             protocol.ARRAYS: state_to_record(state_to_numpy(model)),
@@ -171,7 +176,7 @@ class KDClient:
         store = open_state_store(str(config["state-uri"]))
         key = f"node-{context.node_id}"
         model = create_model(arch, data.model_spec)
-        seed = int(config.get("server-round", 0)) * 1000 + context.node_id % 1000
+        seed = int(config.get("server-round", 0)) * 100_000 + node_seed(context)
         timings: dict[str, float] = {}
         t = time.perf_counter()
         if config["phase"] == "init":

@@ -47,7 +47,7 @@ class FedMD(Strategy):
     model_spec : classes, channels and image size.
     state_uri : where clients keep their models between rounds (`file://<dir>`).
     subset_size : public samples per round (paper: 5000; default: all).
-    digest_loss : "mae" (the paper's code, L1 on logits) or "kl" (with `temperature`).
+    digest_loss : "kl" (with `temperature`) or "mae" (the paper's code, L1 on logits).
     digest_epochs, digest_batch_size, revisit_epochs, batch_size, lr : client training.
     finetune_epochs, finetune_patience : private fine-tuning after transfer learning.
     pretrain : transfer-learning hyper-parameters; cache_dir: its cache.
@@ -65,13 +65,13 @@ class FedMD(Strategy):
         model_spec: ModelSpec,
         state_uri: str,
         subset_size: int | None = None,
-        digest_loss: str = "mae",
-        digest_epochs: int = 1,
+        digest_loss: str = "kl",
+        digest_epochs: int = 4,
         digest_batch_size: int = 32,
-        revisit_epochs: int = 2,
+        revisit_epochs: int = 1,
         batch_size: int = 16,
         lr: float = 1e-3,
-        temperature: float = 1.0,
+        temperature: float = 3.0,
         finetune_epochs: int = 20,
         finetune_patience: int = 3,
         pretrain: PretrainConfig | None = None,

@@ -1,0 +1,109 @@
+"""`flwr-kd simulate`: input errors before anything runs, and one tiny run through Ray."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from flwr_kd.cli import main
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    ("flags", "names"),
+    [
+        (["--strategy", "fedsgd"], ["unknown strategy 'fedsgd'"]),
+        (["--dataset", "mnist-1d"], ["unknown dataset 'mnist-1d'"]),
+        (["--archs", "resnet10t,resnet10"], ["unknown architecture 'resnet10'", "resnet10t"]),
+        (["--alpha", "-1"], ["alpha", "-1"]),
+        (["--clients", "1"], ["need at least 2 clients, got 1"]),
+        (["--clients", "5000"], ["5000 clients but only", "use fewer clients"]),
+        (["--archs", "convnext_atto"], ["'convnext_atto' needs images of at least 32px"]),
+    ],
+    ids=["strategy", "dataset", "architecture", "alpha", "one-client", "too-many-clients", "convnext"],
+)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, flags, names):
+    out = tmp_path / "run"
+    code = main(["simulate", *flags, "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 2
+    err = captured.err.strip()
+    assert err.startswith("flwr-kd: error: ")
+    assert "\n" not in err, err  # one line
+    for name in names:
+        assert name in err
+    assert "Traceback" not in captured.err + captured.out
+    assert not out.exists()
+
+
+def test_malformed_flag_value_exits_2_with_one_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as info:
+        main(["simulate", "--clients", "three", "--out", str(out)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--clients" in err and "three" in err
+    assert not out.exists()
+
+
+@pytest.fixture
+def contained_runtime(tmp_path, monkeypatch):
+    """Flower and Ray files under temporary directories (Ray's socket paths must stay short),
+    and the environment and Flower's log level restored afterwards."""
+    ray_tmp = Path(tempfile.mkdtemp(prefix="fkd-ray-"))
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    monkeypatch.setenv("RAY_TMPDIR", str(ray_tmp))
+    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    monkeypatch.setenv("RAY_DEDUP_LOGS", "0")
+    flwr_logger = logging.getLogger("flwr")
+    level = flwr_logger.level
+    yield tmp_path
+    flwr_logger.setLevel(level)
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_simulate_end_to_end(contained_runtime, capsys):
+    out = contained_runtime / "out"
+    archs = ["resnet10t", "test_vit"]
+    code = main(
+        [
+            "simulate",
+            "--clients", "3",
+            "--rounds", "2",
+            "--archs", ",".join(archs),
+            "--local-epochs", "1",
+            "--distill-steps", "10",
+            "--out", str(out),
+        ]
+    )  # fmt: skip
+    assert code == 0
+    stdout = capsys.readouterr().out
+    assert "final test accuracy" in stdout
+
+    result = json.loads((out / "result.json").read_text())
+    assert result["config"]["num-clients"] == 3 and result["config"]["strategy"] == "feddf"
+    assert result["architectures"] == {"resnet10t": 2, "test_vit": 1}
+    assert [r["round"] for r in result["rounds"]] == [1, 2]
+    for row in result["rounds"]:
+        assert set(row["accuracy"]) == set(archs)
+        assert all(0.0 <= a <= 1.0 for a in row["accuracy"].values())
+        assert row["bytes"]["down"] > 0 and row["bytes"]["up"] > 0
+        assert row["replies"] == 3 and row["dropped"] == []
+        assert set(row["distill"]) == set(archs)
+        assert all(0 < d["steps"] <= 10 for d in row["distill"].values())
+    local_only = result["baselines"]["local_only"]
+    assert set(local_only) == set(archs)
+    assert all(0.0 <= a <= 1.0 for a in local_only.values())
+
+    png = out / "accuracy.png"
+    assert png.stat().st_size > 1000
+    assert png.read_bytes()[:8] == PNG_SIGNATURE
+    # nothing else left in the output directory (no half-written temporary files)
+    assert sorted(p.name for p in out.iterdir()) == ["accuracy.png", "result.json"]
