@@ -18,8 +18,33 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="flwr-kd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    d = ExperimentConfig()
     sim = sub.add_parser("simulate", help="run an experiment in local simulation (Ray)")
+    _experiment_flags(sim)
+    sim.add_argument("--verbose", action="store_true", help="show Flower's logs")
+    cloud = sub.add_parser("cloud", help="serverless runtime (Cloud Functions)").add_subparsers(
+        dest="cloud_command", required=True, parser_class=_Parser
+    )
+    emu = cloud.add_parser("emulate", help="the serverless stack against local emulators")
+    _experiment_flags(emu)
+    _cloud_flags(emu)
+    run = cloud.add_parser("run", help="drive a deployment (terraform outputs)")
+    _experiment_flags(run)
+    _cloud_flags(run)
+    run.add_argument("--outputs", help="file with `terraform output -json`")
+    run.add_argument("--no-auth", action="store_true", help="send no ID token (for local URLs)")
+    return parser
+
+
+def _cloud_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run-id", help="name of the run in Firestore (default: generated)")
+    p.add_argument("--resume", metavar="RUN", help="resume RUN at its first unfinished round")
+    p.add_argument("--max-concurrency", type=int, default=8, help="client calls in flight")
+    p.add_argument("--call-timeout", type=float, default=600.0, help="seconds per call attempt")
+    p.add_argument("--retries", type=int, default=4)
+
+
+def _experiment_flags(sim: argparse.ArgumentParser) -> None:
+    d = ExperimentConfig()
     sim.add_argument("--strategy", default=d.strategy, help=f"one of {', '.join(STRATEGIES)}")
     sim.add_argument("--dataset", default=d.dataset, help="digits, fashion-mnist or hf:<name>")
     sim.add_argument("--clients", type=int, default=d.num_clients)
@@ -38,8 +63,6 @@ def _parser() -> argparse.ArgumentParser:
     )
     sim.add_argument("--no-baseline", action="store_true", help="skip the local-only baseline")
     sim.add_argument("--out", default="runs/latest", help="directory for result.json and accuracy.png")
-    sim.add_argument("--verbose", action="store_true", help="show Flower's logs")
-    return parser
 
 
 def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
@@ -82,9 +105,42 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, UnknownArchitectureError) as exc:
         print(f"flwr-kd: error: {exc}", file=sys.stderr)
         return 2
-    from flwr_kd.simulation import simulate
+    if args.command == "simulate":
+        from flwr_kd.simulation import simulate
 
-    simulate(cfg, verbose=args.verbose)
+        simulate(cfg, verbose=args.verbose)
+        return 0
+    return _cloud(args, cfg)
+
+
+def _cloud(args: argparse.Namespace, cfg: ExperimentConfig) -> int:
+    import json
+    import logging
+
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    from flwr_kd.serverless.grid import GridOptions, google_id_token_auth
+
+    options = GridOptions(max_concurrency=args.max_concurrency, call_timeout=args.call_timeout, retries=args.retries)
+    run_id = args.resume or args.run_id
+    if args.cloud_command == "emulate":
+        from flwr_kd.serverless.emulate import emulate
+
+        emulate(cfg, run_id, resume=bool(args.resume), options=options)
+        return 0
+    from flwr_kd.serverless.driver import Deployment, drive
+
+    if not args.outputs:
+        print("flwr-kd: error: cloud run needs --outputs (terraform output -json > outputs.json)", file=sys.stderr)
+        return 2
+    try:
+        deployment = Deployment.from_terraform_outputs(json.loads(open(args.outputs).read()))
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"flwr-kd: error: cannot read terraform outputs {args.outputs}: {exc}", file=sys.stderr)
+        return 2
+    options.auth = None if args.no_auth else google_id_token_auth()
+    import uuid
+
+    drive(cfg, deployment, run_id or f"run-{uuid.uuid4().hex[:8]}", resume=bool(args.resume), options=options)
     return 0
 
 

@@ -39,8 +39,14 @@ class RoundRecorder:
     """Flower `evaluate_fn` that scores every architecture with `score(round, arrays)`, times
     each round (the span between two calls) and prints one table row per round."""
 
-    def __init__(self, archs: list[str], score: Callable[[int, ArrayRecord], dict[str, float]], out=sys.stdout):
-        self.archs, self.score, self.out = archs, score, out
+    def __init__(
+        self,
+        archs: list[str],
+        score: Callable[[int, ArrayRecord], dict[str, float]],
+        out=sys.stdout,
+        on_round_end: Callable[[int, ArrayRecord], None] | None = None,
+    ):
+        self.archs, self.score, self.out, self.on_round_end = archs, score, out, on_round_end
         self.rounds: list[dict] = []
         self._last = time.perf_counter()
 
@@ -51,11 +57,13 @@ class RoundRecorder:
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         seconds = time.perf_counter() - self._last
         acc = self.score(server_round, arrays)
-        mean = float(np.mean(list(acc.values())))
+        mean = float(np.mean(list(acc.values()))) if acc else float("nan")
         seconds = seconds if server_round else 0.0
         self.rounds.append({"round": server_round, "accuracy": acc, "mean_accuracy": round(mean, 4), "seconds": round(seconds, 3)})
         cols = "".join(f"{acc.get(a, float('nan')):>24.3f}" for a in self.archs)
         print(f"{server_round:>5}{cols}{mean:>8.3f}{seconds:>9.1f}", file=self.out, flush=True)
+        if self.on_round_end is not None:
+            self.on_round_end(server_round, arrays)
         self._last = time.perf_counter()
         return MetricRecord({"accuracy": mean, **{f"accuracy/{a}": v for a, v in acc.items()}})
 

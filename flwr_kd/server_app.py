@@ -7,14 +7,17 @@ local-only baseline, and writes the report.
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from logging import INFO
 from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
@@ -27,6 +30,7 @@ from flwr_kd.records import pack_models
 from flwr_kd.pretrain import PretrainConfig
 from flwr_kd.report import RoundRecorder, ServerTestScore, print_summary, write_result
 from flwr_kd.strategy import FedDF, FedMD, HeteroFedAvg
+from flwr_kd.strategy.resume import RoundOffset
 from flwr_kd.tasks import LocalTrainTask, run_local_train_task
 
 
@@ -118,29 +122,47 @@ def local_only_baseline(cfg: ExperimentConfig, data: FederatedData, fanout: FanO
     }
 
 
-def run_experiment(grid: Grid, cfg: ExperimentConfig) -> dict:
+@dataclass
+class RuntimeHooks:
+    """What a runtime adds to an experiment; the serverless driver brings its own fan-out,
+    client-state location, per-round records, and, on resume, the restored arrays."""
+
+    fanout: FanOut | None = None
+    state_uri: str | None = None
+    resume_arrays: ArrayRecord | None = None
+    rounds_done: int = 0
+    on_round_end: Callable[[int, ArrayRecord, Strategy], None] | None = None
+
+
+def run_experiment(grid: Grid, cfg: ExperimentConfig, hooks: RuntimeHooks | None = None) -> dict:
     """Run one experiment on `grid`; returns (and writes, if out-dir is set) the result."""
+    hooks = hooks or RuntimeHooks()
     t0 = time.perf_counter()
     data = load_federated(cfg.data_spec)
     client_config = ConfigRecord(cfg.client_config())
-    with make_fanout(cfg.fanout) as fanout, tempfile.TemporaryDirectory(prefix="flwr-kd-clients-") as state_dir:
-        strategy = build_strategy(cfg, data, fanout, state_uri=f"file://{state_dir}")
+    with contextlib.ExitStack() as stack:
+        fanout = hooks.fanout or stack.enter_context(make_fanout(cfg.fanout))
+        state_uri = hooks.state_uri or "file://" + stack.enter_context(tempfile.TemporaryDirectory(prefix="flwr-kd-clients-"))
+        strategy = build_strategy(cfg, data, fanout, state_uri=state_uri)
         if isinstance(strategy, FedMD):  # client models stay on clients: they report accuracy
-            score = lambda server_round, arrays: strategy.accuracy[server_round]  # noqa: E731
+            score = lambda server_round, arrays: strategy.accuracy.get(server_round, {})  # noqa: E731
         else:
             score = ServerTestScore(cfg.arch_list, data.model_spec, data.test_x, data.test_y)
-        recorder = RoundRecorder(cfg.arch_list, score)
+        recorder = RoundRecorder(cfg.arch_list, score, on_round_end=hooks.on_round_end and (lambda r, a: hooks.on_round_end(r, a, strategy)))
         recorder.header(f"{cfg.strategy} on {cfg.dataset}: test accuracy per architecture")
-        flower_result = strategy.start(
+        runner, start_arrays = strategy, initial_arrays(cfg.arch_list, data.model_spec, cfg.seed)
+        if hooks.rounds_done:
+            runner, start_arrays = RoundOffset(strategy, hooks.rounds_done), hooks.resume_arrays
+        flower_result = runner.start(
             grid=grid,
-            initial_arrays=initial_arrays(cfg.arch_list, data.model_spec, cfg.seed),
-            num_rounds=cfg.num_server_rounds,
+            initial_arrays=start_arrays,
+            num_rounds=cfg.num_server_rounds - hooks.rounds_done,
             train_config=client_config,
             evaluate_config=ConfigRecord(cfg.client_config()),
             evaluate_fn=recorder,
         )
         baselines = {}
-        if isinstance(strategy, FedMD):
+        if isinstance(strategy, FedMD) and not hooks.rounds_done:
             baselines["transfer_only"] = recorder.rounds[0]["accuracy"]
         if cfg.local_only_baseline:
             log(INFO, "Local-only baseline")
@@ -151,7 +173,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig) -> dict:
     for row in recorder.rounds[1:]:
         r = row["round"]
         stats = strategy.stats[r].to_dict() if r in strategy.stats else {}
-        client_eval = flower_result.evaluate_metrics_clientapp.get(r)
+        client_eval = flower_result.evaluate_metrics_clientapp.get(r - hooks.rounds_done)
         rounds.append(
             {
                 **row,
@@ -171,7 +193,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig) -> dict:
         "baselines": baselines,
         "seconds": {"total": round(time.perf_counter() - t0, 2)},
     }
-    if isinstance(strategy, FedMD):
+    if isinstance(strategy, FedMD) and strategy.transfer is not None:
         result["transfer_learning"] = strategy.transfer.to_dict()
     if cfg.local_only_baseline:
         result["seconds"]["local_only_baseline"] = round(baseline_seconds, 2)

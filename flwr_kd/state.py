@@ -48,9 +48,13 @@ class LocalStateStore:
         os.replace(tmp, self._path(key))
 
 
-def open_state_store(uri: str) -> LocalStateStore:
-    """The store a `state-uri` config value names."""
+def open_state_store(uri: str):
+    """The store a `state-uri` config value names: `file://<dir>` or `gs://<bucket>/<prefix>`."""
     parsed = urlparse(uri)
     if parsed.scheme == "file":
         return LocalStateStore(parsed.path)
-    raise ValueError(f"unsupported client state URI '{uri}' (expected file://<directory>)")
+    if parsed.scheme == "gs":
+        from flwr_kd.serverless.arraystore import GcsArrayStore, GcsStateStore
+
+        return GcsStateStore(GcsArrayStore(parsed.netloc), parsed.path.lstrip("/"))
+    raise ValueError(f"unsupported client state URI '{uri}' (expected file://<dir> or gs://<bucket>/<prefix>)")

@@ -1,0 +1,125 @@
+"""Arrays on Cloud Storage: create-only, checksummed, never pickled.
+
+Objects are `.npz` archives (several named arrays) written with `if_generation_match=0`, so a
+retried or repeated write can never replace what is there; each carries its SHA-256 in the
+object metadata, checked on every read (and the client library's CRC32C check on download).
+A FedMD client's own model is the one thing that changes in place; `save_state` replaces it
+only if it is still the generation that was read (optimistic concurrency).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+
+import numpy as np
+from google.api_core import exceptions as gexc
+from google.cloud import storage
+
+from flwr_kd.records import State
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9._\-/]+$")
+
+
+class ArrayStoreError(RuntimeError):
+    """An object is missing, tampered with, or not a plain array archive."""
+
+
+class AlreadyExists(ArrayStoreError):
+    """A create-only write found the object already there."""
+
+
+def encode_npz(arrays: State) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
+    return buf.getvalue()
+
+
+def decode_npz(data: bytes) -> State:
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            return {name: npz[name] for name in npz.files}
+    except (ValueError, OSError) as exc:  # object arrays need pickle: refused
+        raise ArrayStoreError(f"not a plain .npz archive: {exc}") from exc
+
+
+class GcsArrayStore:
+    def __init__(self, bucket: str, client: storage.Client | None = None) -> None:
+        self.client = client or storage.Client()
+        self.bucket = self.client.bucket(bucket)
+        self.bucket_name = bucket
+
+    @staticmethod
+    def check_name(name: str) -> str:
+        if not _SAFE_NAME.match(name) or ".." in name or name.startswith("/"):
+            raise ArrayStoreError(f"unsafe object name '{name}'")
+        return name
+
+    def put(self, name: str, arrays: State, metadata: dict | None = None) -> int:
+        """Create `name` holding `arrays`; returns bytes written. Raises AlreadyExists."""
+        data = encode_npz(arrays)
+        blob = self.bucket.blob(self.check_name(name))
+        blob.metadata = {"sha256": hashlib.sha256(data).hexdigest(), **(metadata or {})}
+        try:
+            blob.upload_from_string(data, content_type="application/octet-stream", if_generation_match=0)
+        except gexc.PreconditionFailed as exc:
+            raise AlreadyExists(f"gs://{self.bucket_name}/{name} already exists") from exc
+        return len(data)
+
+    def get(self, name: str) -> State:
+        """The arrays of `name`, after checking its SHA-256."""
+        return self._get(name)[0]
+
+    def _get(self, name: str) -> tuple[State, int]:
+        blob = self.bucket.blob(self.check_name(name))
+        try:
+            blob.reload()
+            data = blob.download_as_bytes(checksum="crc32c", if_generation_match=blob.generation)
+        except gexc.NotFound as exc:
+            raise ArrayStoreError(f"gs://{self.bucket_name}/{name} does not exist") from exc
+        expected = (blob.metadata or {}).get("sha256")
+        if expected != hashlib.sha256(data).hexdigest():
+            raise ArrayStoreError(f"gs://{self.bucket_name}/{name}: checksum mismatch (tampered or truncated)")
+        return decode_npz(data), blob.generation
+
+    def exists(self, name: str) -> bool:
+        return self.bucket.blob(self.check_name(name)).exists()
+
+    def list(self, prefix: str) -> list[str]:
+        return sorted(b.name for b in self.client.list_blobs(self.bucket_name, prefix=prefix))
+
+    # -- a client's own, changing state -------------------------------------------------------
+
+    def load_state(self, name: str) -> tuple[State | None, int]:
+        """(arrays, generation) or (None, 0) when there is no state yet."""
+        if not self.exists(name):
+            return None, 0
+        return self._get(name)
+
+    def save_state(self, name: str, arrays: State, generation: int) -> None:
+        """Replace the state only if it is still at `generation` (0: must not exist)."""
+        data = encode_npz(arrays)
+        blob = self.bucket.blob(self.check_name(name))
+        blob.metadata = {"sha256": hashlib.sha256(data).hexdigest()}
+        try:
+            blob.upload_from_string(data, if_generation_match=generation)
+        except gexc.PreconditionFailed as exc:
+            raise ArrayStoreError(f"gs://{self.bucket_name}/{name} changed concurrently") from exc
+
+
+class GcsStateStore:
+    """`flwr_kd.state` interface (load/save by key) over a prefix of a `GcsArrayStore`."""
+
+    def __init__(self, store: GcsArrayStore, prefix: str) -> None:
+        self.store, self.prefix = store, prefix.rstrip("/") + "/"
+        self._generations: dict[str, int] = {}
+
+    def load(self, key: str) -> State | None:
+        state, self._generations[key] = self.store.load_state(self.prefix + f"{key}.npz")
+        return state
+
+    def save(self, key: str, state: State) -> None:
+        if key not in self._generations:
+            self.load(key)
+        self.store.save_state(self.prefix + f"{key}.npz", state, self._generations.pop(key))

@@ -1,0 +1,116 @@
+"""`flwr-kd cloud emulate`: the whole serverless stack on this machine, against real emulators.
+
+Starts fake-gcs-server and the Firestore emulator (unless `STORAGE_EMULATOR_HOST` and
+`FIRESTORE_EMULATOR_HOST` name running ones, which are then used and left with their data),
+one functions-framework process per client and per architecture's aggregator, runs the
+driver, and stops everything it started.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import uuid
+from contextlib import ExitStack
+from pathlib import Path
+
+from flwr_kd.experiment import ExperimentConfig
+from flwr_kd.serverless.emulators import FirestoreEmulator, FunctionProcess, StorageEmulator
+from flwr_kd.serverless.grid import ClientEndpoint, GridOptions
+
+CLOUD_SOURCE = Path(__file__).resolve().parents[2] / "cloud" / "main.py"
+DEFAULT_PROJECT = "demo-flwr-kd"
+
+
+class EmulatedStack:
+    """Emulators and function processes for one experiment config; a context manager."""
+
+    def __init__(self, cfg: ExperimentConfig, bucket: str = "flwr-kd-arrays", log_dir: Path | None = None) -> None:
+        self.cfg, self.bucket = cfg, bucket
+        self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix="flwr-kd-emulate-"))
+        self._stack = ExitStack()
+        self.started: list[str] = []
+        self.clients: dict[str, FunctionProcess] = {}
+        self.aggregators: dict[str, FunctionProcess] = {}
+
+    def __enter__(self) -> "EmulatedStack":
+        try:
+            self._start()
+        except BaseException:
+            self._stack.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+    def _start(self) -> None:
+        os.environ.setdefault("GOOGLE_CLOUD_PROJECT", DEFAULT_PROJECT)
+        self.project = os.environ["GOOGLE_CLOUD_PROJECT"]
+        if not os.environ.get("STORAGE_EMULATOR_HOST"):
+            storage = StorageEmulator(self.log_dir)
+            self._stack.callback(storage.stop)
+            self._stack.callback(os.environ.pop, "STORAGE_EMULATOR_HOST", None)
+            os.environ["STORAGE_EMULATOR_HOST"] = storage.url
+            self.started.append(f"fake-gcs-server at {storage.url} (pid {storage.proc.pid})")
+        if not os.environ.get("FIRESTORE_EMULATOR_HOST"):
+            firestore = FirestoreEmulator(self.project, self.log_dir)
+            self._stack.callback(firestore.stop)
+            self._stack.callback(os.environ.pop, "FIRESTORE_EMULATOR_HOST", None)
+            os.environ["FIRESTORE_EMULATOR_HOST"] = firestore.host
+            self.started.append(f"Firestore emulator at {firestore.host} (pid {firestore.proc.pid})")
+        from google.cloud import storage as gcs
+
+        client = gcs.Client(project=self.project)
+        if client.lookup_bucket(self.bucket) is None:
+            client.create_bucket(self.bucket)
+        base_env = {
+            **os.environ,
+            "FLWR_KD_BUCKET": self.bucket,
+            "FLWR_KD_FIRESTORE_DATABASE": "(default)",
+            "THREADS": "1",  # one request at a time per instance, like a deployed function
+            "WORKERS": "1",
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join([str(CLOUD_SOURCE.parents[1]), os.environ.get("PYTHONPATH", "")]),
+        }
+        procs = []
+        for pid in range(self.cfg.num_clients):
+            cid, arch = f"client-{pid}", self.cfg.arch_of_partition(pid)
+            env = {**base_env, "FLWR_KD_CLIENT_ID": cid, "FLWR_KD_ARCH": arch, "FLWR_KD_DATA_PREFIX": f"clients/{cid}/data/"}
+            procs.append(("client", cid, arch, env))
+        for arch in self.cfg.arch_list:
+            procs.append(("aggregator", f"aggregator-{arch}", arch, {**base_env, "FLWR_KD_ARCH": arch}))
+        for target, name, arch, env in procs:
+            fn = FunctionProcess(CLOUD_SOURCE, target, env, name, self.log_dir)
+            self._stack.callback(fn.stop)
+            (self.clients if target == "client" else self.aggregators)[name if target == "client" else arch] = fn
+        self.started.append(f"{len(self.clients)} client and {len(self.aggregators)} aggregator functions")
+
+    def deployment(self):
+        from flwr_kd.serverless.driver import Deployment
+
+        return Deployment(
+            bucket=self.bucket,
+            clients=[ClientEndpoint(cid, fn.url, self.cfg.arch_of_partition(i)) for i, (cid, fn) in enumerate(self.clients.items())],
+            aggregators={arch: fn.url for arch, fn in self.aggregators.items()},
+        )
+
+
+def emulate(cfg: ExperimentConfig, run_id: str | None = None, resume: bool = False, options: GridOptions | None = None) -> dict:
+    from flwr_kd.serverless.driver import drive
+
+    run_id = run_id or f"run-{uuid.uuid4().hex[:8]}"
+    with EmulatedStack(cfg) as stack:
+        for line in stack.started:
+            print(f"started {line}", file=sys.stderr)
+        result = drive(cfg, stack.deployment(), run_id, resume=resume, options=options)
+        print(
+            f"\nlogits and weights: gs://{stack.bucket}/runs/{run_id}/rounds/<r>/clients/<client>/ "
+            f"(STORAGE_EMULATOR_HOST={os.environ['STORAGE_EMULATOR_HOST']})\n"
+            f"round records: Firestore runs/{run_id}/rounds/<r> and .../invocations "
+            f"(FIRESTORE_EMULATOR_HOST={os.environ['FIRESTORE_EMULATOR_HOST']})\n"
+            f"function logs: {stack.log_dir}",
+            file=sys.stderr,
+        )
+    return result

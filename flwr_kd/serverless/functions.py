@@ -1,0 +1,235 @@
+"""What the client and aggregator Cloud Functions do, independent of the HTTP framework.
+
+`cloud/main.py` only adapts functions-framework requests to `handle_client` and
+`handle_aggregator`. The client runs the very same `KDClient` handlers as the simulation, on
+its private data from its own Cloud Storage prefix. Bad requests get a 4xx with a JSON error
+that names the problem, before anything is written.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+import zlib
+from dataclasses import dataclass
+
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from flwr_kd import protocol
+from flwr_kd.client import ClientData, KDClient
+from flwr_kd.models import ModelSpec
+from flwr_kd.serverless import taskcodec, wire
+from flwr_kd.serverless.arraystore import AlreadyExists, ArrayStoreError, GcsArrayStore
+from flwr_kd.serverless.roundstore import DONE, FAILED, RoundStore
+from flwr_kd.tasks import run_distill_task, run_local_train_task
+
+MAX_BODY_BYTES = 32 * 1024 * 1024
+PUBLIC_DATA = "public/data.npz"
+PUBLIC_TEST = "public/test.npz"
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def node_id_for(client_id: str) -> int:
+    """A stable Flower node id (a positive int) for a client id."""
+    return zlib.crc32(client_id.encode()) + 1
+
+
+@dataclass(frozen=True)
+class FunctionEnv:
+    bucket: str
+    arch: str
+    database: str
+    client_id: str = ""
+    data_prefix: str = ""
+    max_body_bytes: int = MAX_BODY_BYTES
+
+    @classmethod
+    def from_environ(cls, kind: str) -> "FunctionEnv":
+        required = ["FLWR_KD_BUCKET", "FLWR_KD_ARCH"]
+        if kind == "client":
+            required += ["FLWR_KD_CLIENT_ID", "FLWR_KD_DATA_PREFIX"]
+        missing = [name for name in required if not os.environ.get(name)]
+        if missing:
+            raise RuntimeError(f"{kind} function misconfigured: environment variable(s) {', '.join(missing)} not set")
+        return cls(
+            bucket=os.environ["FLWR_KD_BUCKET"],
+            arch=os.environ["FLWR_KD_ARCH"],
+            database=os.environ.get("FLWR_KD_FIRESTORE_DATABASE", "(default)"),
+            client_id=os.environ.get("FLWR_KD_CLIENT_ID", ""),
+            data_prefix=os.environ.get("FLWR_KD_DATA_PREFIX", ""),
+            max_body_bytes=int(os.environ.get("FLWR_KD_MAX_BODY_BYTES", MAX_BODY_BYTES)),
+        )
+
+
+@functools.lru_cache(maxsize=1)
+def _stores(bucket: str, database: str) -> tuple[GcsArrayStore, RoundStore]:
+    return GcsArrayStore(bucket), RoundStore(database=database)
+
+
+def parse_request(body: bytes, content_type: str | None, env: FunctionEnv) -> dict:
+    if len(body) > env.max_body_bytes:
+        raise HttpError(413, f"body of {len(body)} bytes exceeds the limit of {env.max_body_bytes}")
+    if (content_type or "").split(";")[0].strip() != "application/json":
+        raise HttpError(415, f"content type must be application/json, got '{content_type}'")
+    if not body:
+        raise HttpError(400, "empty body: expected a JSON envelope")
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise HttpError(400, f"malformed JSON: {exc}") from exc
+
+
+# ---------------------------------------------------------------------------- client
+
+
+@functools.lru_cache(maxsize=2)
+def _client_data(bucket: str, data_prefix: str) -> ClientData:
+    store, _ = _stores(bucket, os.environ.get("FLWR_KD_FIRESTORE_DATABASE", "(default)"))
+    private = store.get(data_prefix.rstrip("/") + "/private.npz")
+    public = store.get(PUBLIC_DATA)
+    test = store.get(PUBLIC_TEST) if store.exists(PUBLIC_TEST) else {}
+    spec = ModelSpec(int(private["num_classes"]), int(private["train_x"].shape[1]), int(private["train_x"].shape[2]))
+    return ClientData(
+        private["train_x"], private["train_y"], private["holdout_x"], private["holdout_y"], spec,
+        public_x=public["x"], test_x=test.get("x"), test_y=test.get("y"),
+    )
+
+
+def load_function_data(context: Context, config: ConfigRecord) -> ClientData:
+    """`KDClient.load_data` inside the client function: its own prefix, nothing else."""
+    env = FunctionEnv.from_environ("client")
+    return _client_data(env.bucket, env.data_prefix)
+
+
+CLIENT_APP = KDClient(load_data=load_function_data).register(ClientApp())
+
+
+def handle_client(body: bytes, content_type: str | None, env: FunctionEnv | None = None) -> tuple[int, dict]:
+    t0 = time.perf_counter()
+    env = env or FunctionEnv.from_environ("client")
+    envelope = wire.parse_envelope(parse_request(body, content_type, env))
+    store, rounds = _stores(env.bucket, env.database)
+    run, server_round = envelope["run"], envelope["round"]
+    try:
+        rounds.get_run(run)
+    except KeyError as exc:
+        raise HttpError(404, f"unknown run '{run}'") from exc
+    prefix_ok = all(o.startswith(f"runs/{run}/rounds/{server_round}/messages/") for o in envelope["objects"].values())
+    if not prefix_ok:
+        raise HttpError(403, "message objects must lie under this run's and round's messages/ prefix")
+    try:
+        msg = wire.decode(envelope, store)
+    except ArrayStoreError as exc:
+        raise HttpError(400, str(exc)) from exc
+    node = node_id_for(env.client_id)
+    if msg.metadata.dst_node_id != node:
+        raise HttpError(400, f"message addressed to node {msg.metadata.dst_node_id}, this is client '{env.client_id}' (node {node})")
+    config = msg.content.get(protocol.CONFIG) if msg.has_content() else None
+    if config is not None and "arch" in config and str(config["arch"]) != env.arch:
+        raise HttpError(400, f"message for architecture '{config['arch']}', this client runs '{env.arch}'")
+    call = f"{env.client_id}:{msg.metadata.message_type}"
+    prior = rounds.begin_invocation(run, server_round, call, msg.metadata.message_id)
+    if prior is not None:
+        if prior.get("status") == DONE and prior.get("message_id") == msg.metadata.message_id:
+            return 200, json.loads(prior["reply"])  # a retry: the same answer, computed once
+        if prior.get("status") not in (FAILED, DONE):
+            raise HttpError(409, f"call {call} of round {server_round} is in progress")
+    if config is not None and "state-uri" in config:  # a client keeps state under its own prefix
+        config["state-uri"] = f"gs://{env.bucket}/clients/{env.client_id}/state"
+    context = Context(
+        run_id=msg.metadata.run_id, node_id=node,
+        node_config={"arch": env.arch, "client-id": env.client_id}, state=RecordDict(), run_config={},
+    )
+    t1 = time.perf_counter()
+    try:
+        reply = CLIENT_APP(msg, context)
+        status = DONE
+    except Exception as exc:  # noqa: BLE001 - reported to the driver as Flower does
+        reply = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+        status = FAILED
+    compute = time.perf_counter() - t1
+    reply.metadata.__dict__["_message_id"] = f"{msg.metadata.message_id}.reply"
+    prefix = f"runs/{run}/rounds/{server_round}/clients/{env.client_id}/{msg.metadata.message_type.replace('.', '-')}"
+    out, written = wire.encode(reply, run=run, server_round=server_round, store=store, prefix=prefix)
+    total = time.perf_counter() - t0
+    out["timing"] = {"compute": round(compute, 4), "total": round(total, 4)}
+    rounds.end_invocation(
+        run, server_round, call,
+        {
+            "status": status, "message_id": msg.metadata.message_id, "reply": json.dumps(out),
+            "seconds": {"total": round(total, 4), "compute": round(compute, 4)},
+            "bytes_in": len(body), "bytes_out": written + len(json.dumps(out)),
+            "objects": sorted(out["objects"].values()),
+            **({"error": reply.error.reason} if reply.has_error() else {}),
+        },
+    )
+    return 200, out
+
+
+# ---------------------------------------------------------------------------- aggregator
+
+
+def handle_aggregator(body: bytes, content_type: str | None, env: FunctionEnv | None = None) -> tuple[int, dict]:
+    """One fan-out task (FedDF distillation or FedMD transfer learning) of this architecture."""
+    t0 = time.perf_counter()
+    env = env or FunctionEnv.from_environ("aggregator")
+    request = parse_request(body, content_type, env)
+    if not isinstance(request, dict):
+        raise HttpError(400, "body must be a JSON object")
+    for key, kind in (("run", str), ("round", int), ("task", str), ("params", dict)):
+        if not isinstance(request.get(key), kind):
+            raise HttpError(400, f"field '{key}' missing or not a {kind.__name__}")
+    run, server_round, params = request["run"], request["round"], request["params"]
+    if params.get("arch") != env.arch:
+        raise HttpError(400, f"task for architecture '{params.get('arch')}', this aggregator serves '{env.arch}'")
+    prefix = f"runs/{run}/rounds/{server_round}/aggregators/{env.arch}/"
+    if not request["task"].startswith(prefix):
+        raise HttpError(403, f"task object must lie under {prefix}")
+    store, rounds = _stores(env.bucket, env.database)
+    try:
+        rounds.get_run(run)
+    except KeyError as exc:
+        raise HttpError(404, f"unknown run '{run}'") from exc
+    try:
+        task = taskcodec.decode_task(store.get(request["task"]), params)
+    except (ArrayStoreError, ValueError) as exc:
+        raise HttpError(400, str(exc)) from exc
+    call = f"aggregator:{env.arch}:{params['kind']}"
+    result_name = prefix + ("student.npz" if params["kind"] == "distill" else "pretrained.npz")
+    rounds.begin_invocation(run, server_round, call, request["task"])
+    t1 = time.perf_counter()
+    outcome = run_distill_task(task) if params["kind"] == "distill" else run_local_train_task(task)
+    compute = time.perf_counter() - t1
+    state, meta = taskcodec.encode_outcome(outcome)
+    try:
+        written = store.put(result_name, state) if state else 0
+    except AlreadyExists:
+        written = 0  # a retried task: the first result stands (create-only), and is the same task's
+    total = time.perf_counter() - t0
+    rounds.end_invocation(
+        run, server_round, call,
+        {"status": DONE, "seconds": {"total": round(total, 4), "compute": round(compute, 4)}, "bytes_out": written, "objects": [result_name]},
+    )
+    return 200, {"result": result_name if state else None, "meta": meta, "timing": {"compute": round(compute, 4), "total": round(total, 4)}}
+
+
+def as_response(handler, body: bytes, content_type: str | None) -> tuple[str, int, dict]:
+    """(JSON text, status, headers) for functions-framework; errors become `{"error": ...}`."""
+    try:
+        status, payload = handler(body, content_type)
+    except HttpError as exc:
+        status, payload = exc.status, {"error": exc.message}
+    except wire.WireError as exc:
+        status, payload = 400, {"error": str(exc)}
+    return json.dumps(payload), status, {"Content-Type": "application/json"}
+
+
+__all__ = ["as_response", "handle_aggregator", "handle_client", "node_id_for"]

@@ -1,0 +1,197 @@
+"""`CloudFunctionGrid`: a Flower `Grid` whose nodes are client Cloud Functions.
+
+Each Message goes out as an HTTP POST to its client's function URL (Google ID token when
+deployed), in Flower's own serialization (`flwr_kd.serverless.wire`), large arrays by Cloud
+Storage reference. Calls run with bounded concurrency, a per-call timeout, and retries with
+exponential backoff on 429/5xx/409/connection errors/timeouts. Message ids are deterministic
+(run, round, client, type), and functions answer a repeated id from their record, so a retried
+call never counts twice, and a resumed driver re-sends the same ids.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+
+import requests
+from flwr.app import Error, Message
+from flwr.common.constant import ErrorCode
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
+from flwr_kd import protocol
+from flwr_kd.serverless import wire
+from flwr_kd.serverless.arraystore import GcsArrayStore
+from flwr_kd.serverless.functions import node_id_for
+
+RETRY_STATUSES = (409, 429, 500, 502, 503, 504)
+
+
+@dataclass(frozen=True)
+class ClientEndpoint:
+    client_id: str
+    url: str
+    arch: str
+
+
+@dataclass
+class CallRecord:
+    """What one call cost, seen from the driver (for per-invocation overhead)."""
+
+    client_id: str
+    message_type: str
+    server_round: int
+    seconds: float
+    compute_seconds: float
+    bytes_request: int
+    bytes_reply: int
+    bytes_objects: int
+    error: str = ""
+
+
+def google_id_token_auth() -> Callable[[str], dict]:
+    """Authorization headers with a Google ID token for each function URL (cached per URL)."""
+    import google.auth.transport.requests
+    import google.oauth2.id_token
+
+    cache: dict[str, tuple[str, float]] = {}
+    lock = threading.Lock()
+
+    def headers(audience: str) -> dict:
+        with lock:
+            token, expires = cache.get(audience, ("", 0.0))
+            if time.time() > expires:
+                token = google.oauth2.id_token.fetch_id_token(google.auth.transport.requests.Request(), audience)
+                cache[audience] = (token, time.time() + 45 * 60)  # tokens live 60 minutes
+        return {"Authorization": f"Bearer {token}"}
+
+    return headers
+
+
+@dataclass
+class GridOptions:
+    max_concurrency: int = 8
+    call_timeout: float = 600.0  # seconds per attempt
+    retries: int = 4
+    backoff: float = 0.5  # seconds, doubled per retry
+    offload_bytes: int = wire.DEFAULT_OFFLOAD_BYTES
+    auth: Callable[[str], dict] | None = None  # None: no Authorization header (emulators)
+    calls: list[CallRecord] = field(default_factory=list)
+
+
+class CloudFunctionGrid(Grid):
+    def __init__(self, endpoints: list[ClientEndpoint], store: GcsArrayStore, run_id: str, options: GridOptions | None = None) -> None:
+        self.options = options or GridOptions()
+        self.store, self.run_id = store, run_id
+        self.endpoints = {node_id_for(e.client_id): e for e in endpoints}
+        self._run = Run.create_empty(run_id=0)
+        self._pool = ThreadPoolExecutor(max_workers=self.options.max_concurrency, thread_name_prefix="flwr-kd-call")
+        self._futures: dict[str, Future] = {}
+        self.session = requests.Session()
+        retry = Retry(
+            total=self.options.retries, connect=self.options.retries, read=self.options.retries,
+            status=self.options.retries, backoff_factor=self.options.backoff,
+            status_forcelist=RETRY_STATUSES, allowed_methods=None, respect_retry_after_header=True,
+            raise_on_status=False,
+        )
+        adapter = HTTPAdapter(max_retries=retry, pool_maxsize=self.options.max_concurrency)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+
+    # -- Grid API ----------------------------------------------------------------------------
+
+    def set_run(self, run: Run) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.endpoints)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for msg in messages:
+            endpoint = self.endpoints.get(msg.metadata.dst_node_id)
+            if endpoint is None:
+                raise ValueError(f"no client function for node {msg.metadata.dst_node_id}")
+            server_round = round_of(msg)
+            mid = f"{self.run_id}.r{server_round}.{endpoint.client_id}.{msg.metadata.message_type}"
+            msg.metadata.__dict__["_message_id"] = mid
+            self._futures[mid] = self._pool.submit(self._call, msg, endpoint, server_round)
+            ids.append(mid)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        done = [mid for mid in message_ids if mid in self._futures and self._futures[mid].done()]
+        return [self._futures.pop(mid).result() for mid in done]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        ids = list(self.push_messages(messages))
+        wait([self._futures[mid] for mid in ids], timeout=timeout)
+        replies = list(self.pull_messages(ids))
+        for mid, msg in zip(ids, messages):  # stragglers past the deadline
+            if mid in self._futures:
+                self._futures.pop(mid).cancel()
+                replies.append(error_reply(msg, f"no reply within the round deadline of {timeout}s"))
+        return replies
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.session.close()
+
+    # -- one call -------------------------------------------------------------------------------
+
+    def _call(self, msg: Message, endpoint: ClientEndpoint, server_round: int) -> Message:
+        t0 = time.perf_counter()
+        prefix = f"runs/{self.run_id}/rounds/{server_round}/messages/{msg.metadata.message_id}"
+        body, written = wire.encode(msg, run=self.run_id, server_round=server_round, store=self.store, prefix=prefix, offload_bytes=self.options.offload_bytes)
+        data = wire.to_json(body)
+        headers = {"Content-Type": "application/json", **(self.options.auth(endpoint.url) if self.options.auth else {})}
+        record = CallRecord(endpoint.client_id, msg.metadata.message_type, server_round, 0.0, 0.0, len(data), 0, written)
+        try:
+            resp = self.session.post(endpoint.url, data=data, headers=headers, timeout=(10, self.options.call_timeout))
+            record.bytes_reply = len(resp.content)
+            if resp.status_code != 200:
+                raise RuntimeError(f"HTTP {resp.status_code}: {_error_text(resp)}")
+            payload = resp.json()
+            reply = wire.decode(payload, self.store)
+            record.compute_seconds = float(payload.get("timing", {}).get("compute", 0.0))
+            for obj in payload.get("objects", {}).values():
+                record.bytes_objects += self.store.bucket.get_blob(obj).size or 0
+        except Exception as exc:  # noqa: BLE001 - any failure is this node's failed reply
+            record.error = f"{type(exc).__name__}: {exc}"
+            reply = error_reply(msg, f"client function {endpoint.client_id} failed: {record.error}")
+        record.seconds = time.perf_counter() - t0
+        self.options.calls.append(record)
+        return reply
+
+
+def round_of(msg: Message) -> int:
+    """The server round a message belongs to (0 before round 1, e.g. architecture queries)."""
+    if msg.has_content() and protocol.CONFIG in msg.content:
+        return int(msg.content[protocol.CONFIG].get("server-round", 0))
+    return 0
+
+
+def error_reply(msg: Message, reason: str) -> Message:
+    reply = Message(Error(code=ErrorCode.UNKNOWN, reason=reason), reply_to=msg)
+    reply.metadata.__dict__["_message_id"] = f"{msg.metadata.message_id}.error"
+    return reply
+
+
+def _error_text(resp: requests.Response) -> str:
+    try:
+        return str(resp.json().get("error", resp.text[:200]))
+    except ValueError:
+        return resp.text[:200]

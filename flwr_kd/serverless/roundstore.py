@@ -1,0 +1,103 @@
+"""Run, round and invocation records on Firestore: enough to watch a run and to resume it.
+
+`runs/{run}` holds the config and the strategy state after each finished round;
+`runs/{run}/rounds/{r}` the round's status, timings and metrics; `.../invocations/{call}` one
+document per function call, written by the function itself (create-only: a retried call finds
+its document and never counts twice). Counters use server-side transforms, not transactions
+(the emulator is slow under contended transactions).
+"""
+
+from __future__ import annotations
+
+from google.api_core import exceptions as gexc
+from google.cloud import firestore
+
+RUNNING, DONE, FAILED = "running", "done", "failed"
+
+
+class RoundStore:
+    def __init__(self, client: firestore.Client | None = None, database: str | None = None) -> None:
+        self.db = client or firestore.Client(database=database or "(default)")
+
+    # -- documents ------------------------------------------------------------------------
+
+    def run_ref(self, run: str):
+        return self.db.collection("runs").document(run)
+
+    def round_ref(self, run: str, server_round: int):
+        return self.run_ref(run).collection("rounds").document(str(server_round))
+
+    def invocation_ref(self, run: str, server_round: int, call: str):
+        return self.round_ref(run, server_round).collection("invocations").document(call)
+
+    # -- runs -----------------------------------------------------------------------------
+
+    def create_run(self, run: str, config: dict, strategy: str) -> None:
+        try:
+            self.run_ref(run).create(
+                {
+                    "config": config,
+                    "strategy": strategy,
+                    "status": RUNNING,
+                    "last_done_round": 0,
+                    "created": firestore.SERVER_TIMESTAMP,
+                    "updated": firestore.SERVER_TIMESTAMP,
+                }
+            )
+        except gexc.Conflict as exc:
+            raise ValueError(f"run '{run}' exists already; resume it with --resume {run}") from exc
+
+    def get_run(self, run: str) -> dict:
+        snap = self.run_ref(run).get()
+        if not snap.exists:
+            raise KeyError(f"no run '{run}' in Firestore")
+        return snap.to_dict()
+
+    def finish_run(self, run: str, status: str = DONE, result: dict | None = None) -> None:
+        self.run_ref(run).update({"status": status, "updated": firestore.SERVER_TIMESTAMP, **({"result": result} if result else {})})
+
+    # -- rounds ---------------------------------------------------------------------------
+
+    def start_round(self, run: str, server_round: int) -> None:
+        self.round_ref(run, server_round).set(
+            {"round": server_round, "status": RUNNING, "started": firestore.SERVER_TIMESTAMP}, merge=True
+        )
+
+    def finish_round(self, run: str, server_round: int, record: dict, state: dict) -> None:
+        """Mark the round done and store the strategy state that resuming needs, in one batch."""
+        batch = self.db.batch()
+        batch.set(
+            self.round_ref(run, server_round),
+            {**record, "round": server_round, "status": DONE, "ended": firestore.SERVER_TIMESTAMP},
+            merge=True,
+        )
+        batch.update(
+            self.run_ref(run),
+            {"state": state, "last_done_round": server_round, "updated": firestore.SERVER_TIMESTAMP},
+        )
+        batch.commit()
+
+    def fail_round(self, run: str, server_round: int, error: str) -> None:
+        self.round_ref(run, server_round).set({"status": FAILED, "error": error, "ended": firestore.SERVER_TIMESTAMP}, merge=True)
+
+    def rounds(self, run: str) -> list[dict]:
+        docs = self.run_ref(run).collection("rounds").order_by("round").stream()
+        return [d.to_dict() for d in docs]
+
+    def invocations(self, run: str, server_round: int) -> list[dict]:
+        return [d.to_dict() | {"id": d.id} for d in self.round_ref(run, server_round).collection("invocations").stream()]
+
+    # -- invocations (written by the functions) --------------------------------------------
+
+    def begin_invocation(self, run: str, server_round: int, call: str, message_id: str) -> dict | None:
+        """Create the invocation document; if it exists (a retry), return it instead."""
+        ref = self.invocation_ref(run, server_round, call)
+        try:
+            ref.create({"status": RUNNING, "message_id": message_id, "started": firestore.SERVER_TIMESTAMP, "attempts": 1})
+            return None
+        except gexc.Conflict:
+            ref.update({"attempts": firestore.Increment(1)})
+            return ref.get().to_dict()
+
+    def end_invocation(self, run: str, server_round: int, call: str, record: dict) -> None:
+        self.invocation_ref(run, server_round, call).update({**record, "ended": firestore.SERVER_TIMESTAMP})
