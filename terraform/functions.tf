@@ -42,6 +42,7 @@ resource "google_cloudfunctions2_function" "client" {
     service_account_email            = google_service_account.client[each.key].email
 
     environment_variables = merge(local.common_env, {
+      FLWR_KD_INVOKER     = google_service_account.driver.email
       FLWR_KD_CLIENT_ID   = each.key
       FLWR_KD_ARCH        = each.value.architecture
       FLWR_KD_DATA_PREFIX = local.client_data_prefix[each.key]
@@ -89,7 +90,8 @@ resource "google_cloudfunctions2_function" "aggregator" {
     service_account_email            = google_service_account.aggregator.email
 
     environment_variables = merge(local.common_env, {
-      FLWR_KD_ARCH = each.key
+      FLWR_KD_INVOKER = google_service_account.driver.email
+      FLWR_KD_ARCH    = each.key
     })
   }
 

@@ -3,9 +3,11 @@
 #
 # Arrays bucket (conditions: locals.tf):
 #   driver      read/write/delete everything (it uploads data and drives the runs)
-#   client <id> read  public/, its data prefix, clients/<id>/state/, runs/*/rounds/*/messages/
-#               create clients/<id>/state/ and runs/*/rounds/*/clients/<id>/ (create-only:
-#               objectCreator cannot overwrite or delete)
+#   client <id> read  public/, its data prefix, runs/*/rounds/*/messages/
+#               read, replace clients/<id>/state/ (its FedMD model, replaced in place with a
+#                     generation precondition: replacing needs delete, hence objectUser)
+#               create runs/*/rounds/*/clients/<id>/ (create-only: objectCreator can neither
+#                     overwrite nor delete)
 #   aggregators read  public/, runs/*/rounds/*/clients/ (logits, weights),
 #                     runs/*/rounds/*/aggregators/ (task inputs)
 #               create runs/*/rounds/*/aggregators/ (students)
@@ -27,8 +29,22 @@ resource "google_storage_bucket_iam_member" "client_read" {
 
   condition {
     title       = "client-${each.key}-read"
-    description = "Public data, its own private data and state, and message payloads."
+    description = "Public data, its own private data, and message payloads."
     expression  = local.client_read_condition[each.key]
+  }
+}
+
+resource "google_storage_bucket_iam_member" "client_state" {
+  for_each = var.clients
+
+  bucket = google_storage_bucket.arrays.name
+  role   = "roles/storage.objectUser"
+  member = google_service_account.client[each.key].member
+
+  condition {
+    title       = "client-${each.key}-state"
+    description = "Its own state between rounds, replaced in place."
+    expression  = local.client_state_condition[each.key]
   }
 }
 
@@ -41,7 +57,7 @@ resource "google_storage_bucket_iam_member" "client_write" {
 
   condition {
     title       = "client-${each.key}-write"
-    description = "Only its own state and its own outputs of each round."
+    description = "Only its own outputs of each round, create-only."
     expression  = local.client_write_condition[each.key]
   }
 }

@@ -1,3 +1,5 @@
+# Only variables here (no resource attributes): tests/test_terraform.py evaluates this file with
+# variables.tf and example.tfvars, without any provider.
 locals {
   # Function names become Cloud Run service names: lowercase letters, digits and '-'.
   arch_slug = {
@@ -33,18 +35,17 @@ locals {
     for id in keys(var.clients) : id => join(" || ", [
       format(local.cel_under, "public/"),
       format(local.cel_under, local.client_data_prefix[id]),
-      format(local.cel_under, "clients/${id}/state/"),
       # Message arrays addressed to a client: their names carry a message id, not the client
       # id, so every client may read runs/*/rounds/*/messages/ (the driver's payloads: global
       # models or consensus logits, never another client's data or outputs).
       format(local.cel_in_round, "messages/"),
     ])
   }
+  client_state_condition = {
+    for id in keys(var.clients) : id => format(local.cel_under, "clients/${id}/state/")
+  }
   client_write_condition = {
-    for id in keys(var.clients) : id => join(" || ", [
-      format(local.cel_under, "clients/${id}/state/"),
-      format(local.cel_in_round, "clients/${id}/"),
-    ])
+    for id in keys(var.clients) : id => format(local.cel_in_round, "clients/${id}/")
   }
   aggregator_read_condition = join(" || ", [
     format(local.cel_under, "public/"),
@@ -53,13 +54,14 @@ locals {
   ])
   aggregator_write_condition = format(local.cel_in_round, "aggregators/")
 
-  # Environment of the functions: exactly the variables of docs/serverless.md.
+  # Environment shared by both kinds of function (docs/serverless.md); functions.tf adds the
+  # driver's e-mail (FLWR_KD_INVOKER) and the per-function variables.
   common_env = {
     FLWR_KD_BUCKET             = local.arrays_bucket
     FLWR_KD_FIRESTORE_DATABASE = var.firestore_database
     GOOGLE_CLOUD_PROJECT       = var.project
     FLWR_KD_VERIFY_TOKENS      = var.verify_tokens ? "1" : "0"
-    FLWR_KD_INVOKER            = google_service_account.driver.email
+    FLWR_KD_MAX_BODY_BYTES     = tostring(var.max_request_bytes)
   }
 
   apis = [
@@ -73,4 +75,21 @@ locals {
     "run.googleapis.com",
     "storage.googleapis.com",
   ]
+
+  # Function sources: cloud/ (main.py, requirements.txt at the archive's root) with the flwr_kd
+  # package beside it, so that `import flwr_kd` works in the function. Only text sources are
+  # taken (file() reads UTF-8), never __pycache__.
+  source_root = abspath("${path.module}/..")
+  source_files = merge(
+    {
+      for f in fileset("${local.source_root}/cloud", "**") :
+      f => "${local.source_root}/cloud/${f}"
+      if !strcontains(f, "__pycache__") && can(regex("\\.(py|txt|json|toml|cfg|ini|yaml|yml)$", f))
+    },
+    {
+      for f in fileset("${local.source_root}/flwr_kd", "**") :
+      "flwr_kd/${f}" => "${local.source_root}/flwr_kd/${f}"
+      if !strcontains(f, "__pycache__") && can(regex("\\.(py|typed|json|txt)$", f))
+    },
+  )
 }

@@ -144,25 +144,7 @@ resource "google_storage_bucket" "arrays" {
   depends_on = [google_storage_bucket_iam_member.logs_writer]
 }
 
-# Function sources: cloud/ (main.py, requirements.txt at the archive's root) with the flwr_kd
-# package beside it, so that `import flwr_kd` works in the function. Only text sources are
-# taken (file() reads UTF-8), never __pycache__.
-locals {
-  source_root = abspath("${path.module}/..")
-  source_files = merge(
-    {
-      for f in fileset("${local.source_root}/cloud", "**") :
-      f => "${local.source_root}/cloud/${f}"
-      if !strcontains(f, "__pycache__") && can(regex("\\.(py|txt|json|toml|cfg|ini|yaml|yml)$", f))
-    },
-    {
-      for f in fileset("${local.source_root}/flwr_kd", "**") :
-      "flwr_kd/${f}" => "${local.source_root}/flwr_kd/${f}"
-      if !strcontains(f, "__pycache__") && can(regex("\\.(py|typed|json|txt)$", f))
-    },
-  )
-}
-
+# Function sources: cloud/ with flwr_kd/ beside it (local.source_files), zipped.
 data "archive_file" "source" {
   type        = "zip"
   output_path = "${path.module}/.build/function-source.zip"

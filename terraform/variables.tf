@@ -46,8 +46,8 @@ variable "clients" {
   }))
 
   validation {
-    condition     = length(var.clients) >= 1 && length(var.clients) <= 45
-    error_message = "clients must name 1 to 45 clients (each client adds 2 conditional role bindings to the arrays bucket's IAM policy, which holds at most 100)."
+    condition     = length(var.clients) >= 1 && length(var.clients) <= 32
+    error_message = "clients must name 1 to 32 clients (each client adds 3 conditional role bindings to the arrays bucket's IAM policy; Google advises at most 100 per policy)."
   }
 
   validation {
@@ -168,6 +168,17 @@ variable "max_instances" {
   validation {
     condition     = var.max_instances >= 1 && var.max_instances <= 100 && floor(var.max_instances) == var.max_instances
     error_message = "max_instances must be a whole number from 1 to 100."
+  }
+}
+
+variable "max_request_bytes" {
+  description = "Largest request body a function accepts (FLWR_KD_MAX_BODY_BYTES); larger arrays travel through the bucket. Cloud Run caps HTTP/1 requests at 32 MiB."
+  type        = number
+  default     = 33554432
+
+  validation {
+    condition     = var.max_request_bytes >= 1048576 && var.max_request_bytes <= 33554432 && floor(var.max_request_bytes) == var.max_request_bytes
+    error_message = "max_request_bytes must be a whole number of bytes from 1 MiB (1048576) to 32 MiB (33554432)."
   }
 }
 

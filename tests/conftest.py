@@ -7,9 +7,9 @@ import pytest
 import torch
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
+from inprocess_grid import RUN_ID
 
 from flwr_kd.data import DataSpec, FederatedData, load_federated
-from inprocess_grid import RUN_ID
 
 
 @pytest.fixture(scope="session", autouse=True)

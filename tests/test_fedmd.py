@@ -16,10 +16,10 @@ import torch
 from flwr.app import Array, ConfigRecord, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import Result
+from inprocess_grid import InProcessGrid, node_id_of
 
-import flwr_kd.client.handlers as handlers
 from flwr_kd import protocol
-from flwr_kd.client import KDClient
+from flwr_kd.client import KDClient, handlers
 from flwr_kd.data import DataSpec, load_federated
 from flwr_kd.distill import average_logits
 from flwr_kd.experiment import ExperimentConfig
@@ -30,7 +30,6 @@ from flwr_kd.records import pack_models
 from flwr_kd.state import LocalStateStore
 from flwr_kd.strategy import FedMD, FedMDError
 from flwr_kd.training import predict_logits
-from inprocess_grid import InProcessGrid, node_id_of
 
 pytestmark = pytest.mark.usefixtures("server_task_identity")
 
@@ -522,6 +521,33 @@ def test_invalid_replies_are_left_out_of_the_consensus(tmp_path, caplog):
     assert sorted(strategy.accuracy[1]) == sorted({_arch_of(p) for p in valid})
 
 
+def test_a_malformed_reply_config_is_left_out_not_fatal(tmp_path, caplog):
+    """A reply whose 'subset-round' is not a number is one more invalid reply: it must be left
+    out with a reason while the round goes on, not crash the server's aggregation."""
+    n = 3
+    spec = _spec(n)
+    data = load_federated(spec)
+    grid = _grid(n)
+    strategy = _fedmd(data, tmp_path, n)
+    config = _config(spec)
+    consensus = strategy.init_phase(grid, _initial(data.model_spec), config, timeout=60)
+
+    def garbled_round(reply):
+        reply.content[protocol.CONFIG]["subset-round"] = "two"
+        return reply
+
+    grid.faults = {node_id_of(0): garbled_round}
+    caplog.set_level(logging.WARNING, logger="flwr")
+    replies, record, metrics = _round(strategy, grid, 1, consensus, config)
+    dropped = {d["node"]: d["reason"] for d in strategy.stats[1].dropped}
+    assert list(dropped) == [node_id_of(0)]
+    assert "subset" in dropped[node_id_of(0)]
+    assert any(f"left node {node_id_of(0)} out of the consensus" in r.getMessage() for r in caplog.records)
+    assert metrics["replies"] == n - 1
+    valid = [_logits(r) for r in replies if r.metadata.src_node_id != node_id_of(0)]
+    np.testing.assert_array_equal(record["logits"].numpy(), average_logits(valid))
+
+
 def test_too_few_valid_replies_stop_the_run(tmp_path):
     n = 3
     spec = _spec(n)
@@ -556,7 +582,6 @@ def test_fedmd_start_two_rounds(tmp_path):
 
     def evaluate_fn(server_round, arrays):
         seen.append((server_round, sorted(arrays)))
-        return None
 
     result = strategy.start(
         grid, pack_models(initial), num_rounds=2, train_config=_config(spec), evaluate_fn=evaluate_fn

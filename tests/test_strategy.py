@@ -14,6 +14,7 @@ import pytest
 from flwr.app import Array, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import Result
+from inprocess_grid import InProcessGrid, node_id_of
 
 from flwr_kd import protocol
 from flwr_kd.client import KDClient, resolve_architecture
@@ -24,7 +25,6 @@ from flwr_kd.models import ModelSpec, create_model, state_to_numpy
 from flwr_kd.records import pack_models, record_to_state, unpack_models
 from flwr_kd.strategy import FedDF, HeteroFedAvg
 from flwr_kd.strategy.hetero import fedavg
-from inprocess_grid import InProcessGrid, node_id_of
 
 pytestmark = pytest.mark.usefixtures("server_task_identity")
 
