@@ -27,3 +27,13 @@ lint: $(STAMP)
 
 clean:
 	rm -rf runs .pytest_cache
+
+## Benchmarks (results and REPORT.md under benchmarks/); Fashion-MNIST comes from Debian.
+bench: $(STAMP)
+	@test -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz || \
+		{ [ "$$(id -u)" = 0 ] && apt-get install -y dataset-fashion-mnist; } || \
+		{ echo "Fashion-MNIST missing: sudo apt-get install dataset-fashion-mnist"; exit 1; }
+	$(PY) benchmarks/run.py --mode full
+
+bench-quick: $(STAMP)
+	$(PY) benchmarks/run.py --mode quick

@@ -56,6 +56,7 @@ class ExperimentConfig:
     measure_pretrain_per_client: bool = False
     cache_dir: str = ""
     max_private: int = 0
+    public_fraction: float = 0.25
     local_only_baseline: bool = True
     out_dir: str = ""
 
@@ -97,6 +98,7 @@ class ExperimentConfig:
             alpha=self.alpha or None,
             seed=self.seed,
             max_private=self.max_private,
+            public_fraction=self.public_fraction,
         )
 
     @property

@@ -55,11 +55,15 @@ class RoundRecorder:
         print(f"\n{title}\n{'round':>5}{cols}{'mean':>8}{'seconds':>9}", file=self.out, flush=True)
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        seconds = time.perf_counter() - self._last
+        t_eval = time.perf_counter()
+        seconds = t_eval - self._last
         acc = self.score(server_round, arrays)
+        eval_seconds = time.perf_counter() - t_eval
         mean = float(np.mean(list(acc.values()))) if acc else float("nan")
         seconds = seconds if server_round else 0.0
-        self.rounds.append({"round": server_round, "accuracy": acc, "mean_accuracy": round(mean, 4), "seconds": round(seconds, 3)})
+        self.rounds.append(
+            {"round": server_round, "accuracy": acc, "mean_accuracy": round(mean, 4), "seconds": round(seconds, 3), "eval_seconds": round(eval_seconds, 3)}
+        )
         cols = "".join(f"{acc.get(a, float('nan')):>24.3f}" for a in self.archs)
         print(f"{server_round:>5}{cols}{mean:>8.3f}{seconds:>9.1f}", file=self.out, flush=True)
         if self.on_round_end is not None:

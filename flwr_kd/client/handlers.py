@@ -123,6 +123,7 @@ class KDClient:
         config = message.content[protocol.CONFIG]
         data = self.load_data(context, config)
         arch, model = self._model(message, context, data)
+        t0 = time.perf_counter()
         loss = train_supervised(
             model,
             data.train_x,
@@ -132,16 +133,19 @@ class KDClient:
             lr=float(config.get("lr", 1e-3)),
             seed=int(config.get("server-round", 0)) * 100_000 + node_seed(context),
         )
+        metrics = {"num-examples": len(data.train_x), "train-loss": loss, "train-seconds": time.perf_counter() - t0}
         records = {
             protocol.ARRAYS: state_to_record(state_to_numpy(model)),
             protocol.CONFIG: ConfigRecord({"arch": arch}),
-            protocol.METRICS: MetricRecord({"num-examples": len(data.train_x), "train-loss": loss}),
         }
         if protocol.PUBLIC in message.content:
+            t1 = time.perf_counter()
             x = message.content[protocol.PUBLIC]["x"].numpy()
             dtype = np.dtype(str(config.get("logits-dtype", "float16")))
             logits = predict_logits(model, x).astype(dtype)
             records[protocol.LOGITS] = ArrayRecord({"logits": Array(logits)})
+            metrics["logits-seconds"] = time.perf_counter() - t1
+        records[protocol.METRICS] = MetricRecord(metrics)
         return reply(message, **records)
 
     def evaluate(self, message: Message, context: Context) -> Message:

@@ -248,6 +248,7 @@ class FedMD(Strategy):
             else:
                 valid.append(parsed)
         stats.replies = len(valid)
+        stats.client_compute = [sum(v for k, v in m.items() if k.endswith("-seconds")) for _, _, m in valid]
         if len(valid) < self.min_replies:
             raise FedMDError(
                 f"round {server_round}: {len(valid)} valid replies, fewer than min_replies={self.min_replies}; "

@@ -35,6 +35,7 @@ class ClientReply:
     state: State
     num_examples: int
     train_loss: float
+    compute_seconds: float = 0.0  # the client's own training and logits time
     logits: np.ndarray | None = None
 
 
@@ -48,6 +49,7 @@ class RoundStats:
     dropped: list[dict] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     distill: dict[str, dict] = field(default_factory=dict)
+    client_compute: list[float] = field(default_factory=list)  # seconds, one per valid reply
 
     def to_dict(self) -> dict:
         return {
@@ -56,6 +58,7 @@ class RoundStats:
             "dropped": self.dropped,
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
             "distill": self.distill,
+            "client_compute": [round(c, 3) for c in self.client_compute],
         }
 
 
@@ -192,7 +195,8 @@ class HeteroFedAvg(Strategy):
         num_examples = int(metrics.get("num-examples", 0))
         if num_examples <= 0:
             return "num-examples missing or not positive"
-        return ClientReply(node, arch, state, num_examples, float(metrics.get("train-loss", float("nan"))))
+        compute = float(metrics.get("train-seconds", 0.0)) + float(metrics.get("logits-seconds", 0.0))
+        return ClientReply(node, arch, state, num_examples, float(metrics.get("train-loss", float("nan"))), compute)
 
     def after_fedavg(self, server_round: int, models: dict[str, State], replies: list[ClientReply]) -> dict[str, State]:
         """Hook after the per-group FedAvg (FedDF distils here)."""
@@ -216,6 +220,7 @@ class HeteroFedAvg(Strategy):
             else:
                 accepted.append(parsed)
         stats.replies = len(accepted)
+        stats.client_compute = [r.compute_seconds for r in accepted]
         if not accepted:
             log(WARNING, "round %d: no valid replies; global models unchanged", server_round)
             return None, None

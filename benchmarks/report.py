@@ -1,0 +1,155 @@
+"""Write benchmarks/REPORT.md from the results of one mode (figures quoted from the JSONs)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGETS = {
+    "feddf_minus_fedavg": (">=", 0.0), "fedmd_minus_local_only": (">=", 0.10),
+    "aggregation_speedup_client_logits": (">=", 3.0), "fanout_speedup": (">=", 1.6),
+    "pretrain_speedup": (">=", 3.0), "framework_overhead": ("<=", 1.2),
+}
+
+
+def load(out: Path, name: str) -> dict:
+    path = out / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def verdict(key: str, value) -> str:
+    base = "feddf_minus_fedavg" if key.startswith("feddf_minus_fedavg") else key
+    if base not in TARGETS or value is None:
+        return ""
+    op, target = TARGETS[base]
+    ok = value >= target if op == ">=" else value <= target
+    return f"{op} {target}: {'met' if ok else 'missed'}"
+
+
+def write(mode: str) -> Path:
+    out = ROOT / "benchmarks" / "results" / mode
+    summary, acc, timing = load(out, "summary"), load(out, "accuracy"), load(out, "timing")
+    agg, pre, comm, sls = load(out, "aggregation"), load(out, "pretrain"), load(out, "communication"), load(out, "serverless")
+    cmd = "make bench" if mode == "full" else "make bench-quick"
+    lines = [
+        "# flwr-kd benchmarks",
+        "",
+        f"Made by `{cmd}` (`python benchmarks/run.py --mode {mode}`) on a {summary.get('cores')}-core machine in "
+        f"{summary.get('seconds', 0) / 60:.0f} minutes. Every ratio is measured side by side in that one run; "
+        f"the raw figures are in `benchmarks/results/{mode}/*.json`.",
+        "",
+        "## Headline figures (`summary.json`)",
+        "",
+        "| key | value | target |",
+        "| --- | --- | --- |",
+    ]
+    for key, value in summary.items():
+        if key in ("mode", "cores", "seconds"):
+            continue
+        lines.append(f"| `{key}` | {value} | {verdict(key, value)} |")
+    if acc:
+        cfg = acc["config"]
+        lines += [
+            "",
+            "## Accuracy against the baselines",
+            "",
+            f"![accuracy](results/{mode}/accuracy.png)",
+            "",
+            f"{cfg['dataset']}, {cfg['clients']} clients of {cfg['archs']} (assigned round-robin), "
+            f"{cfg['rounds']} rounds, Dirichlet alpha in {cfg['alphas']}, the same seed and split for every method. "
+            "Left: mean test accuracy over the architectures per round; right: final mean accuracy. "
+            "`local_only` is each architecture trained on one client's data alone with the same private-epoch "
+            "budget; `centralized` is each architecture on all private data pooled (the upper bound).",
+            "",
+            "| alpha | local-only | FedAvg per group | FedMD | FedDF | transfer-only | centralized |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for alpha, row in acc["alphas"].items():
+            m = row["mean"]
+            lines.append(f"| {alpha} | {m.get('local_only')} | {m.get('fedavg')} | {m.get('fedmd')} | {m.get('feddf')} | {m.get('transfer_only')} | {m.get('centralized')} |")
+        lines += ["", "Per architecture (final accuracy):", ""]
+        for alpha, row in acc["alphas"].items():
+            for method in ("local_only", "fedavg", "fedmd", "feddf", "centralized"):
+                per = ", ".join(f"{a} {v}" for a, v in row.get(method, {}).items())
+                lines.append(f"- alpha {alpha}, {method}: {per}")
+    if timing:
+        lines += [
+            "",
+            "## Where a FedDF round's time goes",
+            "",
+            f"Run: {timing['run']}. Rounds after the first (which includes Ray and worker start-up). "
+            f"{timing['note']}. Framework overhead = round wall time / critical path.",
+            "",
+            "| round | wall s | client compute (sum) | client critical path | FedAvg | distillation critical path | server evaluation | critical path | overhead |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in timing["rounds"]:
+            lines.append(f"| {r['round']} | {r['wall']} | {r['client_compute_sum']} | {r['client_critical_path']} | {r['fedavg']} | {r['distill_critical_path']} | {r['evaluation']} | {r['critical_path']} | {r['overhead']} |")
+    if agg:
+        s = agg["seconds"]
+        lines += [
+            "",
+            "## FedDF aggregation",
+            "",
+            f"{len(agg['architectures'])} architecture tasks, {agg['clients']} client models, {agg['subset']} public samples, "
+            f"{agg['distill_steps']} distillation steps (fixed work). Teacher logits from the clients: {s['clients_parallel']} s; "
+            f"the seed system's way (each aggregator evaluates all client models): {s['server_parallel']} s, so "
+            f"**{agg['aggregation_speedup_client_logits']}x**. The k tasks in parallel: {s['clients_parallel']} s, one after "
+            f"another: {s['clients_serial']} s, so **{agg['fanout_speedup']}x**. The teacher travels as "
+            f"{agg['teacher_logits_bytes_float16']} bytes of float16.",
+        ]
+    if pre:
+        lines += [
+            "",
+            "## FedMD transfer learning",
+            "",
+            f"{pre['public_samples']} public samples, {pre['epochs']} epochs. Once per unique architecture "
+            f"({len(pre['architectures'])}, in parallel): {pre['unique_parallel_seconds']} s; once per client "
+            f"({pre['clients']}, same executor): {pre['per_client_seconds']} s: **{pre['pretrain_speedup']}x**.",
+        ]
+    if comm:
+        b = comm["bytes"]
+        lines += [
+            "",
+            "## Communication",
+            "",
+            f"Bytes per client per round at alpha {comm['alpha']} (down = server to client, up = client to server):",
+            "",
+            "| strategy | down | up |",
+            "| --- | --- | --- |",
+            *[f"| {k} | {v['down_per_client']:,} | {v['up_per_client']:,} |" for k, v in b.items()],
+            "",
+            f"FedDF logits as float16: mean accuracy {comm['logits_float16']['mean_accuracy']}, "
+            f"{comm['logits_float16']['up_per_client']:,} bytes up per client; as float32: "
+            f"{comm['logits_float32']['mean_accuracy']}, {comm['logits_float32']['up_per_client']:,} bytes.",
+        ]
+    if sls:
+        lines += ["", "## Serverless (emulated)", ""]
+        for s in ("feddf", "fedmd"):
+            if s in sls:
+                v = sls[s]
+                inv = v["invocations"]
+                lines.append(
+                    f"- {s}: round latency {v['round_seconds']} s; client calls per client per round "
+                    f"{v['client_calls_per_round_per_client']} (seed system: {v['seed_system_calls_per_round_per_client']}); "
+                    f"mean call {inv.get('mean_call_seconds')} s of which compute {inv.get('mean_compute_seconds')} s "
+                    f"(overhead share {inv.get('overhead_share')}); bytes per round {inv.get('bytes_per_round')}; "
+                    f"{v['aggregator_calls']} aggregator calls."
+                )
+        lines.append(
+            f"- cold start (new function process until it answers): {sls.get('cold_start_seconds')} s; "
+            f"warm request (median of 20): {sls.get('warm_request_seconds_median')} s."
+        )
+    if acc.get("memory"):
+        mem = acc["memory"]
+        lines += ["", "## Memory", "", f"Peak resident memory of the whole FedDF simulation (all processes): {mem['peak_total_mib']} MiB.", ""]
+        lines += [f"- {k}: {v} MiB" for k, v in mem["peak_per_process_mib"].items()]
+    path = ROOT / "benchmarks" / ("REPORT.md" if mode == "full" else f"REPORT-{mode}.md")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+if __name__ == "__main__":
+    print(write(sys.argv[1] if len(sys.argv) > 1 else "full"))
