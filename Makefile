@@ -4,6 +4,11 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 EXTRAS  ?= dev,cloud
 export FLWR_TELEMETRY_ENABLED = 0
+# checkov lives in its own venv: in .venv it would downgrade packages torch needs, and its
+# bc-python-hcl2 collides with python-hcl2. Pinned so new upstream checks cannot turn CI red.
+CHECKOV_VENV    ?= .venv-checkov
+CHECKOV_VERSION ?= 3.3.30
+CHECKOV_STAMP   := $(CHECKOV_VENV)/.installed
 
 .PHONY: demo test lint bench bench-quick clean
 
@@ -13,14 +18,20 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
+$(CHECKOV_STAMP):
+	test -x $(CHECKOV_VENV)/bin/python || python3 -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/pip install --quiet --upgrade pip
+	$(CHECKOV_VENV)/bin/pip install --quiet 'checkov==$(CHECKOV_VERSION)'
+	touch $(CHECKOV_STAMP)
+
 ## FedDF on the embedded digits dataset: 8 clients, 3 architectures, alpha 0.5, 5 rounds.
 demo: $(STAMP)
 	$(VENV)/bin/flwr-kd simulate --strategy feddf --dataset digits --clients 8 --alpha 0.5 \
 		--rounds 5 --out runs/demo
 
 ## The whole test suite (starts and stops what it needs itself).
-test: $(STAMP)
-	$(PY) -m pytest -q
+test: $(STAMP) $(CHECKOV_STAMP)
+	CHECKOV=$(CHECKOV_VENV)/bin/checkov $(PY) -m pytest -q
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check flwr_kd tests

@@ -12,10 +12,10 @@ from flwr_kd.serverless.functions import as_response, handle_aggregator, handle_
 @functions_framework.http
 def client(request):
     """One Flower message to this client (train, evaluate, query.architecture, train.fedmd)."""
-    return as_response(handle_client, request.get_data(cache=False), request.content_type)
+    return as_response(handle_client, request)
 
 
 @functions_framework.http
 def aggregator(request):
     """One fan-out task (distillation or transfer learning) for this function's architecture."""
-    return as_response(handle_aggregator, request.get_data(cache=False), request.content_type)
+    return as_response(handle_aggregator, request)

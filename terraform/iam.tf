@@ -3,7 +3,7 @@
 #
 # Arrays bucket (conditions: locals.tf):
 #   driver      read/write/delete everything (it uploads data and drives the runs)
-#   client <id> read  public/, its data prefix, runs/*/rounds/*/messages/
+#   client <id> read  public/, its data prefix, runs/*/rounds/*/messages/<id>/
 #               read, replace clients/<id>/state/ (its FedMD model, replaced in place with a
 #                     generation precondition: replacing needs delete, hence objectUser)
 #               create runs/*/rounds/*/clients/<id>/ (create-only: objectCreator can neither

@@ -18,6 +18,23 @@ locals {
 
   firestore_location = coalesce(var.firestore_location, var.region)
 
+  # Memory in GiB and the fewest vCPUs Cloud Run allows with it (> 4 GiB: 2, > 8: 4, > 16: 6,
+  # > 24: 8); variables.tf checks the *_cpu variables against it.
+  memory_units = {
+    Gi = 1
+    G  = 1000000000 / 1073741824
+    Mi = 1 / 1024
+    M  = 1000000 / 1073741824
+  }
+  memory_gib = {
+    client     = tonumber(regex("^[0-9]+", var.client_memory)) * local.memory_units[regex("[A-Za-z]+$", var.client_memory)]
+    aggregator = tonumber(regex("^[0-9]+", var.aggregator_memory)) * local.memory_units[regex("[A-Za-z]+$", var.aggregator_memory)]
+  }
+  min_cpu = {
+    for role, g in local.memory_gib :
+    role => g > 24 ? 8 : g > 16 ? 6 : g > 8 ? 4 : g > 4 ? 2 : 1
+  }
+
   # Cloud Storage IAM Conditions see an object as "projects/_/buckets/<bucket>/objects/<name>".
   # Two CEL helpers (format() templates, %s = a prefix or a path segment):
   #  - cel_under: the object lies under a fixed prefix;
@@ -35,10 +52,8 @@ locals {
     for id in keys(var.clients) : id => join(" || ", [
       format(local.cel_under, "public/"),
       format(local.cel_under, local.client_data_prefix[id]),
-      # Message arrays addressed to a client: their names carry a message id, not the client
-      # id, so every client may read runs/*/rounds/*/messages/ (the driver's payloads: global
-      # models or consensus logits, never another client's data or outputs).
-      format(local.cel_in_round, "messages/"),
+      # Message arrays addressed to this client (runs/<run>/rounds/<r>/messages/<id>/...).
+      format(local.cel_in_round, "messages/${id}/"),
     ])
   }
   client_state_condition = {

@@ -66,16 +66,8 @@ resource "google_storage_bucket" "sources" {
     log_object_prefix = "sources/"
   }
 
-  # An archive is named by its content hash; old ones only serve a rollback.
-  lifecycle_rule {
-    condition {
-      age = 90
-    }
-    action {
-      type = "Delete"
-    }
-  }
-
+  # An archive is named by its content hash (a few hundred KB each, kept for rollbacks); only
+  # superseded versions of one name are cleaned up.
   lifecycle_rule {
     condition {
       with_state         = "ARCHIVED"

@@ -128,7 +128,7 @@ variable "aggregator_memory" {
 }
 
 variable "client_cpu" {
-  description = "vCPUs of each client function. Above 4 GiB of memory Cloud Run requires at least 2, above 8 GiB 4."
+  description = "vCPUs of each client function (must fit client_memory, see the validation)."
   type        = string
   default     = "1"
 
@@ -136,16 +136,36 @@ variable "client_cpu" {
     condition     = contains(["1", "2", "4", "6", "8"], var.client_cpu)
     error_message = "client_cpu must be one of 1, 2, 4, 6, 8."
   }
+
+  validation {
+    # Cloud Run: more memory needs more vCPUs, and 4 vCPUs need >= 2 GiB, 6 or 8 need >= 4 GiB.
+    condition = (
+      tonumber(var.client_cpu) >= local.min_cpu["client"] &&
+      local.memory_gib["client"] <= 32 &&
+      local.memory_gib["client"] >= (tonumber(var.client_cpu) >= 6 ? 4 : tonumber(var.client_cpu) >= 4 ? 2 : 0.125)
+    )
+    error_message = "client_cpu does not fit client_memory: above 4 GiB Cloud Run needs >= 2 vCPUs, above 8 GiB >= 4, above 16 GiB >= 6, above 24 GiB 8 (at most 32 GiB); 4 vCPUs need >= 2 GiB, 6 or 8 need >= 4 GiB; at least 128 MiB."
+  }
 }
 
 variable "aggregator_cpu" {
-  description = "vCPUs of each aggregator function. Above 4 GiB of memory Cloud Run requires at least 2, above 8 GiB 4."
+  description = "vCPUs of each aggregator function (must fit aggregator_memory, see the validation)."
   type        = string
   default     = "2"
 
   validation {
     condition     = contains(["1", "2", "4", "6", "8"], var.aggregator_cpu)
     error_message = "aggregator_cpu must be one of 1, 2, 4, 6, 8."
+  }
+
+  validation {
+    # Cloud Run: more memory needs more vCPUs, and 4 vCPUs need >= 2 GiB, 6 or 8 need >= 4 GiB.
+    condition = (
+      tonumber(var.aggregator_cpu) >= local.min_cpu["aggregator"] &&
+      local.memory_gib["aggregator"] <= 32 &&
+      local.memory_gib["aggregator"] >= (tonumber(var.aggregator_cpu) >= 6 ? 4 : tonumber(var.aggregator_cpu) >= 4 ? 2 : 0.125)
+    )
+    error_message = "aggregator_cpu does not fit aggregator_memory: above 4 GiB Cloud Run needs >= 2 vCPUs, above 8 GiB >= 4, above 16 GiB >= 6, above 24 GiB 8 (at most 32 GiB); 4 vCPUs need >= 2 GiB, 6 or 8 need >= 4 GiB; at least 128 MiB."
   }
 }
 

@@ -601,6 +601,7 @@ def test_function_sources_hold_cloud_and_flwr_kd(evaluated):
             ['-var=clients={A={architecture="resnet10t"}}', '-var=architectures=["resnet10t"]'],
             "client id must be",
         ),
+        (["-var=client_memory=8Gi", "-var=client_cpu=1"], "client_cpu does not fit client_memory"),
     ],
     ids=[
         "arch-not-listed",
@@ -609,6 +610,7 @@ def test_function_sources_hold_cloud_and_flwr_kd(evaluated):
         "slug-collision",
         "prefix",
         "client-id",
+        "cpu-memory",
     ],
 )
 def test_validations_reject_bad_inputs(evaluated, args, message):

@@ -74,6 +74,29 @@ def _stores(bucket: str, database: str) -> tuple[GcsArrayStore, RoundStore]:
     return GcsArrayStore(bucket), RoundStore(database=database)
 
 
+def verify_caller(authorization: str | None, audiences: tuple[str, ...] = ()) -> None:
+    """With FLWR_KD_VERIFY_TOKENS=1, accept only a valid Google ID token of FLWR_KD_INVOKER
+    (on top of Cloud Run's own IAM check) whose audience is this function's URL."""
+    if os.environ.get("FLWR_KD_VERIFY_TOKENS") != "1":
+        return
+    if not authorization or not authorization.startswith("Bearer "):
+        raise HttpError(401, "missing 'Authorization: Bearer <Google ID token>' header")
+    import google.auth.transport.requests
+    import google.oauth2.id_token
+
+    try:
+        claims = google.oauth2.id_token.verify_oauth2_token(
+            authorization[len("Bearer "):], google.auth.transport.requests.Request()
+        )
+    except ValueError as exc:
+        raise HttpError(401, f"invalid ID token: {exc}") from exc
+    if claims.get("aud") not in audiences:
+        raise HttpError(401, f"ID token for audience {claims.get('aud')!r}, not this function")
+    invoker = os.environ.get("FLWR_KD_INVOKER", "")
+    if not invoker or claims.get("email") != invoker or not claims.get("email_verified", False):
+        raise HttpError(403, "caller is not the driver's service account")
+
+
 def parse_request(body: bytes, content_type: str | None, env: FunctionEnv) -> dict:
     if len(body) > env.max_body_bytes:
         raise HttpError(413, f"body of {len(body)} bytes exceeds the limit of {env.max_body_bytes}")
@@ -122,9 +145,9 @@ def handle_client(body: bytes, content_type: str | None, env: FunctionEnv | None
         rounds.get_run(run)
     except KeyError as exc:
         raise HttpError(404, f"unknown run '{run}'") from exc
-    prefix_ok = all(o.startswith(f"runs/{run}/rounds/{server_round}/messages/") for o in envelope["objects"].values())
-    if not prefix_ok:
-        raise HttpError(403, "message objects must lie under this run's and round's messages/ prefix")
+    own = f"runs/{run}/rounds/{server_round}/messages/{env.client_id}/"
+    if not all(isinstance(o, str) and o.startswith(own) for o in envelope["objects"].values()):
+        raise HttpError(403, f"message objects must lie under {own}")
     try:
         msg = wire.decode(envelope, store)
     except ArrayStoreError as exc:
@@ -221,9 +244,13 @@ def handle_aggregator(body: bytes, content_type: str | None, env: FunctionEnv | 
     return 200, {"result": result_name if state else None, "meta": meta, "timing": {"compute": round(compute, 4), "total": round(total, 4)}}
 
 
-def as_response(handler, body: bytes, content_type: str | None) -> tuple[str, int, dict]:
-    """(JSON text, status, headers) for functions-framework; errors become `{"error": ...}`."""
+def as_response(handler, request) -> tuple[str, int, dict]:
+    """(JSON text, status, headers) for a functions-framework (Flask) request; errors become
+    `{"error": ...}` with a 4xx status."""
     try:
+        audiences = (request.base_url.rstrip("/"), request.url_root.rstrip("/"))
+        verify_caller(request.headers.get("Authorization"), audiences)
+        body, content_type = request.get_data(cache=False), request.content_type
         status, payload = handler(body, content_type)
     except HttpError as exc:
         status, payload = exc.status, {"error": exc.message}

@@ -154,7 +154,7 @@ class CloudFunctionGrid(Grid):
 
     def _call(self, msg: Message, endpoint: ClientEndpoint, server_round: int) -> Message:
         t0 = time.perf_counter()
-        prefix = f"runs/{self.run_id}/rounds/{server_round}/messages/{msg.metadata.message_id}"
+        prefix = f"runs/{self.run_id}/rounds/{server_round}/messages/{endpoint.client_id}/{msg.metadata.message_id}"
         body, written = wire.encode(msg, run=self.run_id, server_round=server_round, store=self.store, prefix=prefix, offload_bytes=self.options.offload_bytes)
         data = wire.to_json(body)
         headers = {"Content-Type": "application/json", **(self.options.auth(endpoint.url) if self.options.auth else {})}
