@@ -93,10 +93,8 @@ def transfer_learning(
         if cached is not None:
             weights[arch] = cached
     missing = [arch for arch in initial if arch not in weights]
-    tasks = [
-        _task(arch, initial[arch], spec, public_x, public_y, val_x, val_y, config, config.seed + i)
-        for i, arch in enumerate(missing)
-    ]
+    # one seed for all: the cache key must determine the weights, whatever else is cached
+    tasks = [_task(arch, initial[arch], spec, public_x, public_y, val_x, val_y, config, config.seed) for arch in missing]
     report = TransferReport(seconds=0.0, trained=missing, cached=[a for a in initial if a not in missing])
     for outcome in fanout.map(run_local_train_task, tasks):
         weights[outcome.arch] = outcome.state

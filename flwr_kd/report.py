@@ -43,7 +43,7 @@ class RoundRecorder:
         self,
         archs: list[str],
         score: Callable[[int, ArrayRecord], dict[str, float]],
-        out=sys.stdout,
+        out=None,
         on_round_end: Callable[[int, ArrayRecord], None] | None = None,
     ):
         self.archs, self.score, self.out, self.on_round_end = archs, score, out, on_round_end
@@ -52,7 +52,7 @@ class RoundRecorder:
 
     def header(self, title: str) -> None:
         cols = "".join(f"{a[:22]:>24}" for a in self.archs)
-        print(f"\n{title}\n{'round':>5}{cols}{'mean':>8}{'seconds':>9}", file=self.out, flush=True)
+        print(f"\n{title}\n{'round':>5}{cols}{'mean':>8}{'seconds':>9}", file=self.out or sys.stdout, flush=True)
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         t_eval = time.perf_counter()
@@ -65,7 +65,7 @@ class RoundRecorder:
             {"round": server_round, "accuracy": acc, "mean_accuracy": round(mean, 4), "seconds": round(seconds, 3), "eval_seconds": round(eval_seconds, 3)}
         )
         cols = "".join(f"{acc.get(a, float('nan')):>24.3f}" for a in self.archs)
-        print(f"{server_round:>5}{cols}{mean:>8.3f}{seconds:>9.1f}", file=self.out, flush=True)
+        print(f"{server_round:>5}{cols}{mean:>8.3f}{seconds:>9.1f}", file=self.out or sys.stdout, flush=True)
         if self.on_round_end is not None:
             self.on_round_end(server_round, arrays)
         self._last = time.perf_counter()
@@ -124,8 +124,9 @@ def plot_accuracy(result: dict, file) -> None:
     plt.close(fig)
 
 
-def print_summary(result: dict, out=sys.stdout) -> None:
+def print_summary(result: dict, out=None) -> None:
     """Final accuracy against the baselines, one line per architecture."""
+    out = out or sys.stdout
     final = result["rounds"][-1]["accuracy"]
     baselines = result.get("baselines", {})
     print("\nfinal test accuracy" + "".join(f"  {k}" for k in baselines), file=out)

@@ -643,8 +643,12 @@ def test_fedmd_start_two_rounds(tmp_path):
 
 
 def test_run_experiment_fedmd_reports_baselines_and_transfer_learning(tmp_path):
-    # imported here: flwr_kd.report binds sys.stdout when imported (see test_report.py), and an
-    # import while collecting would take the CLI test's printed summary away from its capsys
+    """`run_experiment` (what `flwr-kd simulate` runs inside Ray) on the in-process grid.
+
+    flwr_kd.report binds `sys.stdout` when imported (see test_report.py): imported while
+    collecting, it would take the CLI test's printed summary away from that test's capsys,
+    hence the import here; and after the CLI test it prints to that test's closed capsys
+    stream ("I/O operation on closed file") until report.py resolves stdout per call."""
     from flwr_kd.server_app import run_experiment
 
     n = 4

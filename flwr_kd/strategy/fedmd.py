@@ -222,7 +222,9 @@ class FedMD(Strategy):
             return f"architecture '{arch}' but node registered as '{self._participants.get(node)}'"
         if protocol.LOGITS not in content or "logits" not in content[protocol.LOGITS]:
             return "reply lacks logits"
-        got_round = int(content[protocol.CONFIG].get("subset-round", -1))
+        got_round = content[protocol.CONFIG].get("subset-round", -1)
+        if not isinstance(got_round, int) or isinstance(got_round, bool):
+            return f"'subset-round' must be an integer, got {got_round!r}"
         indices = content[protocol.LOGITS]["indices"].numpy() if "indices" in content[protocol.LOGITS] else None
         if got_round != subset_round or indices is None or not np.array_equal(indices, self.subset(subset_round)):
             return f"logits for the wrong public subset (round {got_round}, expected {subset_round})"
