@@ -26,14 +26,14 @@ CORES = os.cpu_count() or 1
 
 MODES = {
     "quick": dict(
-        dataset="digits", clients=6, alphas=[0.1, 100.0], rounds=3, archs="resnet10t,mobilenetv3_small_050,test_vit",
+        dataset="digits", clients=6, alphas=[0.1, 100.0], rounds=2, archs="resnet10t,mobilenetv3_small_050,test_vit",
         extra=["-c", "local-epochs=3", "-c", "distill-steps=60", "-c", "pretrain-epochs=10", "-c", "finetune-epochs=10"],
-        aggregation=dict(subset=400, steps=30, clients=6), emulate_rounds=2, emulate_clients=3,
+        aggregation=dict(subset=440, steps=30, clients=6), emulate_rounds=1, emulate_clients=3,
     ),
     "full": dict(
         dataset="fashion-mnist", clients=10, alphas=[0.1, 0.5, 100.0], rounds=5, archs="resnet10t,mobilenetv3_small_050,test_vit",
-        extra=["-c", "max-private=4000", "-c", "local-epochs=3", "-c", "distill-steps=100", "-c", "subset-size=2000",
-               "-c", "pretrain-epochs=5", "-c", "finetune-epochs=5", "-c", "public-fraction=0.1"],
+        extra=["-c", "max-private=3000", "-c", "local-epochs=3", "-c", "distill-steps=80", "-c", "subset-size=1500",
+               "-c", "pretrain-epochs=3", "-c", "finetune-epochs=5", "-c", "public-fraction=0.1"],
         aggregation=dict(subset=5000, steps=60, clients=10), emulate_rounds=2, emulate_clients=4,
     ),
 }
@@ -228,7 +228,7 @@ def aggregation_section(mode: dict, out: Path) -> dict:
     models (seed system), and the k architecture tasks in parallel vs one after another."""
     from flwr_kd.data import DataSpec, load_federated
     from flwr_kd.distill import DistillConfig, average_logits
-    from flwr_kd.fanout import ProcessFanOut, SerialFanOut
+    from flwr_kd.fanout import ProcessFanOut
     from flwr_kd.models import create_model, state_to_numpy
     from flwr_kd.tasks import DistillTask, run_distill_task, teacher_from_models
 
@@ -249,10 +249,13 @@ def aggregation_section(mode: dict, out: Path) -> dict:
                 for i, arch in enumerate(archs)]
 
     timings = {}
-    with ProcessFanOut() as parallel:
-        parallel.map(run_distill_task, tasks(False)[:2])  # start the workers before timing
+    # "serial" is one worker process running the k tasks one after another with all the cores'
+    # threads; "parallel" is k workers with one thread each: the same kind of process either way.
+    with ProcessFanOut() as parallel, ProcessFanOut(max_workers=1) as serial:
+        for fanout in (parallel, serial):  # start the workers before timing
+            fanout.map(run_distill_task, tasks(False)[:2])
         for name, fanout, server_side in (("clients_parallel", parallel, False), ("server_parallel", parallel, True),
-                                          ("clients_serial", SerialFanOut(), False)):
+                                          ("clients_serial", serial, False)):
             t0 = time.perf_counter()
             fanout.map(run_distill_task, tasks(server_side))
             timings[name] = round(time.perf_counter() - t0, 3)
@@ -283,6 +286,8 @@ def pretrain_section(mode: dict, out: Path) -> dict:
     import tempfile
 
     with ProcessFanOut() as fanout, tempfile.TemporaryDirectory() as cache:
+        per_client_seconds(client_archs[:2], initial, data.model_spec, data.public_x[:64], data.public_y[:64],
+                           data.val_x, data.val_y, PretrainConfig(epochs=1), fanout)  # start the workers before timing
         _, report = transfer_learning(initial, data.model_spec, data.public_x, data.public_y, data.val_x, data.val_y, pc, fanout, Path(cache))
         per_client = per_client_seconds(client_archs, initial, data.model_spec, data.public_x, data.public_y, data.val_x, data.val_y, pc, fanout)
     data_out = {"architectures": archs, "clients": mode["clients"], "public_samples": int(len(data.public_x)), "epochs": pc.epochs,

@@ -47,27 +47,23 @@ def _init_worker(threads: int) -> None:
 
 
 class ProcessFanOut(FanOut):
-    """A lazily started pool of spawned worker processes, reused across rounds."""
+    """A lazily started pool of `max_workers` spawned processes (default: one per core), each
+    with an equal share of the cores' torch threads, reused across rounds."""
 
     def __init__(self, max_workers: int | None = None) -> None:
         self.max_workers = max_workers or os.cpu_count() or 1
         self._pool: ProcessPoolExecutor | None = None
-        self._pool_size = 0
 
     def map(self, fn, tasks):
-        if len(tasks) <= 1:
-            return [fn(task) for task in tasks]
-        workers = min(len(tasks), self.max_workers)
-        if self._pool is None or self._pool_size != workers:
-            self.close()
-            threads = max(1, (os.cpu_count() or 1) // workers)
+        if len(tasks) <= 1 and self._pool is None:
+            return [fn(task) for task in tasks]  # not worth starting workers for
+        if self._pool is None:
             self._pool = ProcessPoolExecutor(
-                max_workers=workers,
+                max_workers=self.max_workers,
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=_init_worker,
-                initargs=(threads,),
+                initargs=(max(1, (os.cpu_count() or 1) // self.max_workers),),
             )
-            self._pool_size = workers
         return list(self._pool.map(fn, tasks))
 
     def close(self) -> None:

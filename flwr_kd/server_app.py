@@ -182,6 +182,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, hooks: RuntimeHooks | None
                 "replies": stats.get("replies", 0),
                 "dropped": stats.get("dropped", []),
                 "distill": stats.get("distill", {}),
+                "client_compute": stats.get("client_compute", []),
                 **({"client_accuracy": dict(client_eval)} if client_eval else {}),
             }
         )
