@@ -32,7 +32,10 @@ class AlreadyExists(ArrayStoreError):
 
 def encode_npz(arrays: State) -> bytes:
     buf = io.BytesIO()
-    np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
+    try:
+        np.savez(buf, allow_pickle=False, **{k: np.asarray(v) for k, v in arrays.items()})
+    except ValueError as exc:  # object arrays would need pickle
+        raise ArrayStoreError(f"only plain numeric arrays can be stored: {exc}") from exc
     return buf.getvalue()
 
 

@@ -28,7 +28,7 @@ from flwr_kd.report import write_result
 from flwr_kd.server_app import RuntimeHooks, run_experiment
 from flwr_kd.serverless import taskcodec
 from flwr_kd.serverless.arraystore import AlreadyExists, GcsArrayStore
-from flwr_kd.serverless.functions import PUBLIC_DATA, PUBLIC_TEST
+from flwr_kd.serverless.functions import data_fingerprint, private_object, public_objects
 from flwr_kd.serverless.grid import ClientEndpoint, CloudFunctionGrid, GridOptions, round_of
 from flwr_kd.serverless.roundstore import RoundStore
 
@@ -61,21 +61,23 @@ class Deployment:
         )
 
 
-def upload_client_data(store: GcsArrayStore, data: FederatedData, deployment: Deployment) -> None:
+def upload_client_data(store: GcsArrayStore, data: FederatedData, deployment: Deployment, fingerprint: str) -> None:
     """Public data for everybody, and each client's private partition under its own prefix
-    (client i gets partition i). Create-only: existing objects are kept."""
+    (client i gets partition i), all named by the split's fingerprint. Create-only: an
+    existing object already holds this split."""
     def put(name, arrays):
         try:
             store.put(name, arrays)
         except AlreadyExists:
             pass
 
-    put(PUBLIC_DATA, {"x": data.public_x, "y": data.public_y})
-    put(PUBLIC_TEST, {"x": data.test_x, "y": data.test_y})
+    public_name, test_name = public_objects(fingerprint)
+    put(public_name, {"x": data.public_x, "y": data.public_y})
+    put(test_name, {"x": data.test_x, "y": data.test_y})
     for pid, endpoint in enumerate(deployment.clients):
         train_x, train_y, hold_x, hold_y = data.client_data(pid)
         put(
-            f"clients/{endpoint.client_id}/data/private.npz",
+            private_object(f"clients/{endpoint.client_id}/data/", fingerprint),
             {"train_x": train_x, "train_y": train_y, "holdout_x": hold_x, "holdout_y": hold_y,
              "num_classes": np.asarray(data.model_spec.num_classes)},
         )
@@ -173,7 +175,7 @@ def drive(cfg: ExperimentConfig, deployment: Deployment, run_id: str, *, resume:
     data = load_federated(cfg.data_spec)
     if len(deployment.clients) != cfg.num_clients:
         raise ValueError(f"{len(deployment.clients)} client functions but num-clients={cfg.num_clients}")
-    upload_client_data(store, data, deployment)
+    upload_client_data(store, data, deployment, data_fingerprint(cfg.data_spec.to_config()))
     grid = RecordingGrid(deployment.clients, store, run_id, options, rounds=rounds)
     hooks.fanout = fanout = CloudFanOut(deployment.aggregators, store, run_id, grid)
 

@@ -8,7 +8,9 @@ that names the problem, before anything is written.
 
 from __future__ import annotations
 
+import datetime
 import functools
+import hashlib
 import json
 import os
 import time
@@ -20,6 +22,7 @@ from flwr.clientapp import ClientApp
 
 from flwr_kd import protocol
 from flwr_kd.client import ClientData, KDClient
+from flwr_kd.data import DataSpec
 from flwr_kd.models import ModelSpec
 from flwr_kd.serverless import taskcodec, wire
 from flwr_kd.serverless.arraystore import AlreadyExists, ArrayStoreError, GcsArrayStore
@@ -27,8 +30,27 @@ from flwr_kd.serverless.roundstore import DONE, FAILED, RoundStore
 from flwr_kd.tasks import run_distill_task, run_local_train_task
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
-PUBLIC_DATA = "public/data.npz"
-PUBLIC_TEST = "public/test.npz"
+#: A gen2 HTTP function runs at most 60 minutes: a call still "running" after that was
+#: abandoned by a crashed instance, and a retry takes it over.
+INVOCATION_LEASE_SECONDS = 3600
+#: Reply records kept on Cloud Storage whatever their size (logits: the record of what a
+#: client said; weights: what aggregators read).
+ALWAYS_STORED = ("logits", "arrays")
+
+
+def data_fingerprint(config) -> str:
+    """Names the data split a message's config describes, so a new split never reads old data."""
+    spec = DataSpec.from_config(dict(config))
+    return hashlib.sha256(json.dumps(spec.to_config(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def public_objects(fingerprint: str) -> tuple[str, str]:
+    """(public data, test data) object names of one split."""
+    return f"public/{fingerprint}/data.npz", f"public/{fingerprint}/test.npz"
+
+
+def private_object(data_prefix: str, fingerprint: str) -> str:
+    return f"{data_prefix.rstrip('/')}/{fingerprint}/private.npz"
 
 
 class HttpError(Exception):
@@ -114,11 +136,12 @@ def parse_request(body: bytes, content_type: str | None, env: FunctionEnv) -> di
 
 
 @functools.lru_cache(maxsize=2)
-def _client_data(bucket: str, data_prefix: str) -> ClientData:
+def _client_data(bucket: str, data_prefix: str, fingerprint: str) -> ClientData:
     store, _ = _stores(bucket, os.environ.get("FLWR_KD_FIRESTORE_DATABASE", "(default)"))
-    private = store.get(data_prefix.rstrip("/") + "/private.npz")
-    public = store.get(PUBLIC_DATA)
-    test = store.get(PUBLIC_TEST) if store.exists(PUBLIC_TEST) else {}
+    private = store.get(private_object(data_prefix, fingerprint))
+    public_name, test_name = public_objects(fingerprint)
+    public = store.get(public_name)
+    test = store.get(test_name) if store.exists(test_name) else {}
     spec = ModelSpec(int(private["num_classes"]), int(private["train_x"].shape[1]), int(private["train_x"].shape[2]))
     return ClientData(
         private["train_x"], private["train_y"], private["holdout_x"], private["holdout_y"], spec,
@@ -129,7 +152,7 @@ def _client_data(bucket: str, data_prefix: str) -> ClientData:
 def load_function_data(context: Context, config: ConfigRecord) -> ClientData:
     """`KDClient.load_data` inside the client function: its own prefix, nothing else."""
     env = FunctionEnv.from_environ("client")
-    return _client_data(env.bucket, env.data_prefix)
+    return _client_data(env.bucket, env.data_prefix, data_fingerprint(config))
 
 
 CLIENT_APP = KDClient(load_data=load_function_data).register(ClientApp())
@@ -163,7 +186,11 @@ def handle_client(body: bytes, content_type: str | None, env: FunctionEnv | None
     if prior is not None:
         if prior.get("status") == DONE and prior.get("message_id") == msg.metadata.message_id:
             return 200, json.loads(prior["reply"])  # a retry: the same answer, computed once
-        if prior.get("status") not in (FAILED, DONE):
+        started = prior.get("started")
+        abandoned = started is not None and (
+            datetime.datetime.now(datetime.timezone.utc) - started
+        ).total_seconds() > INVOCATION_LEASE_SECONDS
+        if prior.get("status") not in (FAILED, DONE) and not abandoned:
             raise HttpError(409, f"call {call} of round {server_round} is in progress")
     if config is not None and "state-uri" in config:  # a client keeps state under its own prefix
         config["state-uri"] = f"gs://{env.bucket}/clients/{env.client_id}/state"
@@ -181,7 +208,7 @@ def handle_client(body: bytes, content_type: str | None, env: FunctionEnv | None
     compute = time.perf_counter() - t1
     reply.metadata.__dict__["_message_id"] = f"{msg.metadata.message_id}.reply"
     prefix = f"runs/{run}/rounds/{server_round}/clients/{env.client_id}/{msg.metadata.message_type.replace('.', '-')}"
-    out, written = wire.encode(reply, run=run, server_round=server_round, store=store, prefix=prefix)
+    out, written = wire.encode(reply, run=run, server_round=server_round, store=store, prefix=prefix, always_store=ALWAYS_STORED)
     total = time.perf_counter() - t0
     out["timing"] = {"compute": round(compute, 4), "total": round(total, 4)}
     rounds.end_invocation(

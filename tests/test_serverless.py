@@ -1,0 +1,737 @@
+"""The serverless runtime against real emulators (fake-gcs-server, Google's Firestore emulator,
+functions-framework processes of `cloud/main.py`): the stores, the wire format, the client
+function's HTTP boundary, `flwr-kd cloud emulate` end to end (FedDF and FedMD), a client
+function killed mid-round, and a killed driver resumed with `cloud run --resume`.
+
+Fixtures (emulators, a deployment of function processes) live in `serverless_fixtures.py`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import hashlib
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import uuid
+
+import numpy as np
+import pytest
+import requests
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+
+pytest.register_assert_rewrite("serverless_fixtures")  # it is also a plugin (below)
+from serverless_fixtures import (
+    ARCHS,
+    CLIENT_IDS,
+    DEPLOY_BUCKET,
+    EMULATE_BUCKET,
+    MAX_BODY_BYTES,
+    REPO,
+    arch_of,
+    ensure_bucket,
+    experiment_flags,
+    invocation_docs,
+    list_objects,
+    storage_client,
+    wait_for,
+)
+
+from flwr_kd import protocol
+from flwr_kd.cli import main
+from flwr_kd.serverless import wire
+from flwr_kd.serverless.arraystore import (
+    AlreadyExists,
+    ArrayStoreError,
+    GcsArrayStore,
+    GcsStateStore,
+)
+from flwr_kd.serverless.functions import node_id_for
+from flwr_kd.serverless.roundstore import DONE, RUNNING, RoundStore
+
+# the fixtures (emulators, cloud_env, deployment, live_deployment)
+pytest_plugins = ["serverless_fixtures"]
+
+pytestmark = pytest.mark.usefixtures("cloud_env")
+
+STORES_BUCKET = "kd-tests-stores"
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="module")
+def store(cloud_env) -> GcsArrayStore:
+    ensure_bucket(STORES_BUCKET)
+    return GcsArrayStore(STORES_BUCKET)
+
+
+@pytest.fixture
+def raw_bucket(store):
+    """The bucket through the plain client, for writes behind the store's back."""
+    return storage_client().bucket(STORES_BUCKET)
+
+
+def assert_same_arrays(got: dict, expected: dict) -> None:
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert got[key].dtype == np.asarray(value).dtype, key
+        np.testing.assert_array_equal(got[key], value)
+
+
+# ===================================================================== array store (GCS)
+
+
+def test_array_store_round_trip_is_checksummed(store):
+    rng = np.random.default_rng(0)
+    arrays = {"w": rng.standard_normal((3, 4)).astype(np.float32), "n": np.arange(5), "scalar": np.asarray(7)}
+    name = f"{unique('rt')}/arrays.npz"
+    written = store.put(name, arrays, metadata={"kind": "test"})
+    blob = storage_client().bucket(STORES_BUCKET).get_blob(name)
+    assert written == blob.size > 0
+    data = blob.download_as_bytes()
+    assert blob.metadata == {"sha256": hashlib.sha256(data).hexdigest(), "kind": "test"}
+    assert_same_arrays(store.get(name), arrays)
+    assert store.exists(name) and not store.exists(name + ".missing")
+    assert store.list(name.split("/")[0]) == [name]
+
+
+def test_put_is_create_only(store):
+    name = f"{unique('co')}/arrays.npz"
+    store.put(name, {"v": np.zeros(3)})
+    with pytest.raises(AlreadyExists, match="already exists"):
+        store.put(name, {"v": np.ones(3)})
+    assert_same_arrays(store.get(name), {"v": np.zeros(3)})
+
+
+def test_object_overwritten_out_of_band_fails_its_checksum(store, raw_bucket):
+    name = f"{unique('tamper')}/arrays.npz"
+    store.put(name, {"v": np.arange(4)})
+    old = raw_bucket.get_blob(name).metadata["sha256"]
+    buf = io.BytesIO()
+    np.savez(buf, v=np.arange(4) * 10)  # a valid archive, other contents, the old checksum
+    blob = raw_bucket.blob(name)
+    blob.metadata = {"sha256": old}
+    blob.upload_from_string(buf.getvalue())
+    with pytest.raises(ArrayStoreError, match="checksum"):
+        store.get(name)
+
+
+def test_truncated_object_fails_its_checksum(store, raw_bucket):
+    name = f"{unique('trunc')}/arrays.npz"
+    store.put(name, {"v": np.arange(100)})
+    blob = raw_bucket.get_blob(name)
+    meta, data = blob.metadata, blob.download_as_bytes()
+    blob = raw_bucket.blob(name)
+    blob.metadata = meta
+    blob.upload_from_string(data[: len(data) // 2])
+    with pytest.raises(ArrayStoreError, match="checksum"):
+        store.get(name)
+
+
+def test_missing_object_is_named(store):
+    name = f"{unique('missing')}/arrays.npz"
+    with pytest.raises(ArrayStoreError, match=re.escape(f"gs://{STORES_BUCKET}/{name} does not exist")):
+        store.get(name)
+
+
+@pytest.mark.parametrize("name", ["../escape.npz", "a/../../b.npz", "/absolute.npz", "with space.npz", "semi;colon.npz", "", "x\n.npz", "ünï.npz"])
+def test_unsafe_names_are_rejected_before_any_request(store, name):
+    before = list_objects(STORES_BUCKET)
+    for call in (lambda: store.put(name, {"v": np.zeros(1)}), lambda: store.get(name), lambda: store.exists(name)):
+        with pytest.raises(ArrayStoreError, match="unsafe object name"):
+            call()
+    assert list_objects(STORES_BUCKET) == before
+
+
+def test_archive_with_an_object_array_is_refused_on_read(store, raw_bucket):
+    """An object array needs pickle to load: a crafted archive (with a correct checksum) is
+    refused instead of unpickled."""
+    name = f"{unique('pickle')}/arrays.npz"
+    buf = io.BytesIO()
+    np.savez(buf, o=np.array([{"payload": 1}], dtype=object))
+    data = buf.getvalue()
+    blob = raw_bucket.blob(name)
+    blob.metadata = {"sha256": hashlib.sha256(data).hexdigest()}
+    blob.upload_from_string(data)
+    with pytest.raises(ArrayStoreError, match="not a plain .npz archive"):
+        store.get(name)
+
+
+def test_put_refuses_object_arrays_and_writes_nothing(store):
+    name = f"{unique('pickle-put')}/arrays.npz"
+    with pytest.raises(ArrayStoreError):
+        store.put(name, {"o": np.array([{"payload": 1}], dtype=object)})
+    assert not store.exists(name)
+
+
+def test_state_store_replaces_only_the_generation_it_read(store):
+    prefix = f"{unique('state')}/clients/c0/state"
+    a, b = GcsStateStore(store, prefix), GcsStateStore(store, prefix)
+    assert a.load("node-1") is None and b.load("node-1") is None  # both: generation 0
+    a.save("node-1", {"w": np.full(2, 1.0)})
+    with pytest.raises(ArrayStoreError, match="changed concurrently"):
+        b.save("node-1", {"w": np.full(2, 2.0)})  # b still holds generation 0 (must not exist)
+    assert_same_arrays(b.load("node-1"), {"w": np.full(2, 1.0)})
+    b.save("node-1", {"w": np.full(2, 3.0)})  # now at the current generation
+    a.save("node-1", {"w": np.full(2, 4.0)})  # a's save without a load reads the generation first
+    assert_same_arrays(GcsStateStore(store, prefix).load("node-1"), {"w": np.full(2, 4.0)})
+    assert store.list(prefix) == [f"{prefix}/node-1.npz"]
+
+
+# ==================================================================== round store (Firestore)
+
+
+def test_create_run_twice_names_resume():
+    rounds, run = RoundStore(), unique("run")
+    rounds.create_run(run, {"num-clients": 3}, "feddf")
+    with pytest.raises(ValueError, match=f"--resume {run}"):
+        rounds.create_run(run, {"num-clients": 4}, "fedmd")
+    doc = rounds.get_run(run)
+    assert (doc["status"], doc["strategy"], doc["last_done_round"], doc["config"]) == (RUNNING, "feddf", 0, {"num-clients": 3})
+    with pytest.raises(KeyError, match="no run"):
+        rounds.get_run(unique("absent"))
+
+
+def test_begin_invocation_is_create_once():
+    rounds, run = RoundStore(), unique("run")
+    rounds.create_run(run, {}, "feddf")
+    assert rounds.begin_invocation(run, 1, "client-0:train", "m1") is None
+    prior = rounds.begin_invocation(run, 1, "client-0:train", "m1")
+    assert (prior["status"], prior["message_id"], prior["attempts"]) == (RUNNING, "m1", 2)
+    rounds.end_invocation(run, 1, "client-0:train", {"status": DONE, "seconds": {"total": 1.0}})
+    prior = rounds.begin_invocation(run, 1, "client-0:train", "m1")
+    assert (prior["status"], prior["attempts"]) == (DONE, 3)
+    assert rounds.begin_invocation(run, 2, "client-0:train", "m2") is None  # another round
+    assert [d["id"] for d in rounds.invocations(run, 1)] == ["client-0:train"]
+
+
+def test_finish_round_marks_done_and_stores_state():
+    rounds, run = RoundStore(), unique("run")
+    rounds.create_run(run, {}, "feddf")
+    rounds.start_round(run, 1)
+    assert rounds.rounds(run)[0]["status"] == RUNNING
+    rounds.finish_round(run, 1, {"replies": 3}, {"arrays": f"runs/{run}/rounds/1/global.npz", "round": 1})
+    (doc,) = rounds.rounds(run)
+    assert (doc["status"], doc["round"], doc["replies"]) == (DONE, 1, 3) and "ended" in doc and "started" in doc
+    run_doc = rounds.get_run(run)
+    assert run_doc["last_done_round"] == 1
+    assert run_doc["state"] == {"arrays": f"runs/{run}/rounds/1/global.npz", "round": 1}
+    rounds.start_round(run, 2)
+    rounds.fail_round(run, 2, "RuntimeError: boom")
+    assert [(d["round"], d["status"]) for d in rounds.rounds(run)] == [(1, DONE), (2, "failed")]
+    assert rounds.get_run(run)["last_done_round"] == 1
+
+
+# ================================================================================= wire
+
+
+def make_message(records: dict, dst: int, message_type: str, message_id: str) -> Message:
+    msg = Message(RecordDict(records), dst_node_id=dst, message_type=message_type)
+    msg.metadata.__dict__["_message_id"] = message_id  # as CloudFunctionGrid sets it
+    return msg
+
+
+@pytest.mark.usefixtures("server_task_identity")
+def test_wire_round_trip_offloads_only_large_records(store):
+    run, rng = unique("wire"), np.random.default_rng(1)
+    big = {"w": rng.standard_normal((200, 100)).astype(np.float32), "b": np.arange(3)}  # ~80 KB
+    small = {"x": np.arange(10, dtype=np.int16)}
+    msg = make_message(
+        {"big": ArrayRecord({k: Array(v) for k, v in big.items()}), "small": ArrayRecord({k: Array(v) for k, v in small.items()}),
+         "config": ConfigRecord({"arch": "resnet10t", "server-round": 1})},
+        dst=42, message_type="train", message_id=f"{run}.r1.client-0.train",
+    )
+    prefix = f"runs/{run}/rounds/1/messages/client-0/{run}.r1.client-0.train"
+    body, written = wire.encode(msg, run=run, server_round=1, store=store, prefix=prefix)
+    assert body["objects"] == {"big": f"{prefix}/big.npz"}
+    assert (body["version"], body["run"], body["round"]) == (1, run, 1)
+    assert store.list(f"runs/{run}/") == [f"{prefix}/big.npz"]
+    assert written == storage_client().bucket(STORES_BUCKET).get_blob(f"{prefix}/big.npz").size > 80_000
+    assert len(wire.to_json(body)) < 10_000  # the large record travels by reference only
+
+    back = wire.decode(json.loads(wire.to_json(body)), store)
+    assert (back.metadata.dst_node_id, back.metadata.message_type, back.metadata.message_id) == (42, "train", msg.metadata.message_id)
+    assert_same_arrays({k: v.numpy() for k, v in back.content["big"].items()}, big)
+    assert_same_arrays({k: v.numpy() for k, v in back.content["small"].items()}, small)
+    assert dict(back.content["config"]) == {"arch": "resnet10t", "server-round": 1}
+
+    again, written_again = wire.encode(msg, run=run, server_round=1, store=store, prefix=prefix)
+    assert (again, written_again) == (body, 0)  # a retry reuses the object it wrote
+
+
+@pytest.mark.usefixtures("server_task_identity")
+def test_wire_small_message_travels_inline(store):
+    run = unique("wire")
+    msg = make_message({"small": ArrayRecord({"x": Array(np.arange(10))})}, dst=7, message_type="query.architecture", message_id="m")
+    body, written = wire.encode(msg, run=run, server_round=0, store=store, prefix=f"runs/{run}/rounds/0/messages/m")
+    assert (body["objects"], written) == ({}, 0)
+    assert store.list(f"runs/{run}/") == []
+    np.testing.assert_array_equal(wire.decode(body, store).content["small"]["x"].numpy(), np.arange(10))
+
+
+GOOD_ENVELOPE = {"version": 1, "run": "r", "round": 1, "message": "", "objects": {}}
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ("not-a-dict", "JSON object"),
+        ({"version": 2}, "version"),
+        ({"version": None}, "version"),
+        ({"run": None}, "'run'"),
+        ({"run": 3}, "'run'"),
+        ({"run": ""}, "'run'"),
+        ({"run": "a/b"}, "'run'"),
+        ({"round": "1"}, "'round'"),
+        ({"round": True}, "'round'"),
+        ({"round": 1.0}, "'round'"),
+        ({"round": -1}, "'round'"),
+        ({"message": None}, "'message'"),
+        ({"message": 5}, "'message'"),
+        ({"objects": []}, "'objects'"),
+        ({"objects": None}, "'objects'"),
+    ],
+)
+def test_parse_envelope_names_the_bad_field(change, named):
+    body = [GOOD_ENVELOPE] if change == "not-a-dict" else {**GOOD_ENVELOPE, **change}
+    with pytest.raises(wire.WireError, match=re.escape(named)):
+        wire.parse_envelope(body)
+
+
+@pytest.mark.usefixtures("server_task_identity")
+def test_decode_names_bad_message_and_objects(store):
+    with pytest.raises(wire.WireError, match="field 'message'"):
+        wire.decode({**GOOD_ENVELOPE, "message": "not base64 !!"}, store)
+    msg = make_message({"config": ConfigRecord({"a": 1})}, dst=1, message_type="train", message_id="m")
+    body, _ = wire.encode(msg, run="r", server_round=1, store=store, prefix="runs/r/rounds/1/messages/m")
+    with pytest.raises(wire.WireError, match="record 'arrays'"):
+        wire.decode({**body, "objects": {"arrays": 5}}, store)
+
+
+# ====================================================================== function boundary
+
+
+def post(url: str, data: bytes, content_type: str | None = "application/json") -> requests.Response:
+    headers = {"Content-Type": content_type} if content_type else {}
+    return requests.post(url, data=data, headers=headers, timeout=120)
+
+
+@functools.lru_cache(maxsize=1)
+def deployed_data_config() -> dict:
+    from flwr_kd.cli import _parser, config_from_args
+
+    return config_from_args(_parser().parse_args(["cloud", "run", *experiment_flags()])).data_spec.to_config()
+
+
+def envelope(run: str, *, to: str = "client-0", arch: str | None = None, server_round: int = 0,
+             message_type: str = protocol.DESCRIBE, objects: dict | None = None, message_id: str | None = None) -> bytes:
+    """A client message as the driver sends it (Flower proto in the JSON envelope), for the data
+    split the `deployment` fixture uploaded."""
+    config = {**deployed_data_config(), "server-round": server_round, **({"arch": arch} if arch else {})}
+    msg = make_message({protocol.CONFIG: ConfigRecord(config)}, dst=node_id_for(to), message_type=message_type,
+                       message_id=message_id or f"{run}.r{server_round}.{to}.{message_type}")
+    body, _ = wire.encode(msg, run=run, server_round=server_round, store=None, prefix="unused")
+    return wire.to_json({**body, "objects": objects or {}})
+
+
+@pytest.fixture(scope="module")
+def boundary_run(deployment) -> str:
+    run = unique("boundary")
+    RoundStore().create_run(run, {}, "feddf")
+    return run
+
+
+def boundary_case(case: str, run: str) -> tuple[bytes, str | None, int, list[str]]:
+    """(body, content type, expected status, words the error must contain)."""
+    js = "application/json"
+    if case == "malformed-json":
+        return b'{"version": 1, "run": ', js, 400, ["malformed JSON"]
+    if case == "empty-body":
+        return b"", js, 400, ["empty body"]
+    if case == "not-json-content-type":
+        return envelope(run), "text/plain", 415, ["content type must be application/json", "text/plain"]
+    if case == "no-content-type":
+        return envelope(run), None, 415, ["content type must be application/json"]
+    if case == "oversized":
+        return b" " * (MAX_BODY_BYTES + 1), js, 413, [str(MAX_BODY_BYTES + 1), str(MAX_BODY_BYTES)]
+    if case == "not-an-object":
+        return b"[1, 2]", js, 400, ["JSON object"]
+    if case == "bad-version":
+        return json.dumps({**json.loads(envelope(run)), "version": 9}).encode(), js, 400, ["version 9"]
+    if case == "missing-round":
+        body = json.loads(envelope(run))
+        del body["round"]
+        return json.dumps(body).encode(), js, 400, ["field 'round'"]
+    if case == "bad-message":
+        return json.dumps({**json.loads(envelope(run)), "message": "%%%"}).encode(), js, 400, ["field 'message'"]
+    if case == "unknown-run":
+        other = unique("no-such-run")
+        return envelope(other), js, 404, [f"unknown run '{other}'"]
+    if case == "other-node":
+        return envelope(run, to="client-1"), js, 400, [f"addressed to node {node_id_for('client-1')}", "'client-0'"]
+    if case == "wrong-architecture":
+        return envelope(run, arch="test_vit"), js, 400, ["architecture 'test_vit'", "runs 'resnet10t'"]
+    own = f"runs/{run}/rounds/0/messages/client-0/"
+    if case == "object-outside-messages":  # e.g. another client's private data
+        return envelope(run, objects={"arrays": "clients/client-1/data/private.npz"}), js, 403, [f"must lie under {own}"]
+    if case == "object-of-another-client":
+        obj = f"runs/{run}/rounds/0/messages/client-1/m/arrays.npz"
+        return envelope(run, objects={"arrays": obj}), js, 403, [f"must lie under {own}"]
+    if case == "object-of-another-round":
+        obj = f"runs/{run}/rounds/1/messages/client-0/m/arrays.npz"
+        return envelope(run, objects={"arrays": obj}), js, 403, [f"must lie under {own}"]
+    if case == "object-not-a-string":
+        return envelope(run, objects={"arrays": 5}), js, 403, [f"must lie under {own}"]
+    if case == "missing-object":
+        obj = f"runs/{run}/rounds/0/messages/client-0/x/arrays.npz"
+        return envelope(run, objects={"arrays": obj}), js, 400, [obj, "does not exist"]
+    raise AssertionError(case)
+
+
+BOUNDARY_CASES = [
+    "malformed-json", "empty-body", "not-json-content-type", "no-content-type", "oversized", "not-an-object",
+    "bad-version", "missing-round", "bad-message", "unknown-run", "other-node", "wrong-architecture",
+    "object-outside-messages", "object-of-another-client", "object-of-another-round", "object-not-a-string",
+    "missing-object",
+]
+
+
+@pytest.mark.usefixtures("server_task_identity")
+@pytest.mark.parametrize("case", BOUNDARY_CASES)
+def test_client_function_rejects_bad_requests_before_writing(live_deployment, boundary_run, case):
+    body, content_type, status, words = boundary_case(case, boundary_run)
+    objects_before = list_objects(DEPLOY_BUCKET)
+    resp = post(live_deployment.clients["client-0"].url, body, content_type)
+    assert resp.status_code == status, resp.text
+    assert resp.headers["Content-Type"].startswith("application/json")
+    payload = resp.json()
+    assert list(payload) == ["error"], payload
+    for word in words:
+        assert word in payload["error"], payload["error"]
+    assert list_objects(DEPLOY_BUCKET) == objects_before
+    assert invocation_docs(boundary_run, 2) == {}
+    if case == "unknown-run":  # nor is the unknown run created
+        run = json.loads(body)["run"]
+        with pytest.raises(KeyError):
+            RoundStore().get_run(run)
+        assert invocation_docs(run, 2) == {}
+
+
+@pytest.mark.usefixtures("server_task_identity")
+def test_client_function_answers_a_repeated_message_from_its_record(live_deployment):
+    """The control for the test above: a good message is answered and recorded once; the same
+    message again gets the same answer, from the record (attempts counted)."""
+    run = unique("control")
+    RoundStore().create_run(run, {}, "feddf")
+    url = live_deployment.clients["client-0"].url
+    first = post(url, envelope(run, arch="resnet10t"))
+    assert first.status_code == 200, first.text
+    reply = wire.decode(first.json(), GcsArrayStore(DEPLOY_BUCKET))
+    assert not reply.has_error(), reply.error.reason
+    assert reply.metadata.src_node_id == node_id_for("client-0")
+    assert str(reply.content[protocol.CONFIG]["arch"]) == "resnet10t"
+    assert int(reply.content[protocol.METRICS]["num-examples"]) > 0
+    (doc,) = invocation_docs(run, 0)[0].values()
+    assert (doc["id"], doc["status"], doc["attempts"]) == ("client-0:query.architecture", DONE, 1)
+    assert doc["seconds"]["total"] >= doc["seconds"]["compute"] >= 0
+    second = post(url, envelope(run, arch="resnet10t"))
+    assert second.status_code == 200 and second.json() == first.json()
+    assert invocation_docs(run, 0)[0]["client-0:query.architecture"]["attempts"] == 2
+
+
+@pytest.mark.usefixtures("server_task_identity")
+def test_retry_after_an_instance_crashed_mid_call_is_served(live_deployment):
+    """An instance that dies mid-call (OOM, crash) leaves its invocation document 'running'.
+    A retry of the same message two hours later (past any function timeout) must be served,
+    not refused as 'in progress' (409), which the grid retries until it gives up."""
+    run = unique("crashed")
+    rounds = RoundStore()
+    rounds.create_run(run, {}, "feddf")
+    message_id = f"{run}.r0.client-0.{protocol.DESCRIBE}"
+    rounds.invocation_ref(run, 0, f"client-0:{protocol.DESCRIBE}").create({
+        "status": RUNNING, "message_id": message_id, "attempts": 1,
+        "started": datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(hours=2),
+    })
+    resp = post(live_deployment.clients["client-0"].url, envelope(run, arch="resnet10t", message_id=message_id))
+    assert resp.status_code == 200, resp.text
+
+
+# ======================================================================== end to end: emulate
+
+
+RUN_OBJECT = {
+    "message": r"rounds/(?P<r>\d+)/messages/(?P<c>client-\d)/(?P<run>[^/]+)\.r(?P=r)\.(?P=c)\.(query\.architecture|train|train\.fedmd)/(arrays|public|consensus)\.npz",
+    "reply": r"rounds/\d+/clients/client-\d/(query-architecture|train|train-fedmd)/(arrays|logits)\.npz",
+    "aggregator": r"rounds/\d+/aggregators/[A-Za-z0-9_]+/(task-(distill|train)-\d+|student|pretrained)\.npz",
+    "global": r"rounds/\d+/global\.npz",
+}
+
+
+def expected_invocations(strategy: str, num_rounds: int) -> dict[int, set[str]]:
+    expected = {0: {f"{c}:query.architecture" for c in CLIENT_IDS}}
+    for r in range(1, num_rounds + 1):
+        if strategy == "feddf":
+            expected[r] = {f"{c}:train" for c in CLIENT_IDS} | {f"aggregator:{a}:distill" for a in ARCHS}
+        else:
+            expected[r] = {f"{c}:train.fedmd" for c in CLIENT_IDS}
+    if strategy == "fedmd":  # transfer learning on the aggregators, then the init phase
+        expected[0] |= {f"{c}:train.fedmd" for c in CLIENT_IDS} | {f"aggregator:{a}:train" for a in ARCHS}
+    return expected
+
+
+def check_result(result: dict, run: str, bucket: str, strategy: str, rounds: list[int], resumed_after: int = 0) -> None:
+    """result.json of a serverless run: simulate's report plus the serverless summary."""
+    assert result["config"]["strategy"] == strategy and result["config"]["num-clients"] == 3
+    assert result["architectures"] == {"resnet10t": 2, "test_vit": 1}
+    assert [row["round"] for row in result["rounds"]] == rounds
+    for row in result["rounds"]:
+        assert set(row["accuracy"]) == set(ARCHS), row
+        assert all(0.0 <= v <= 1.0 for v in row["accuracy"].values()), row
+    serverless = result["serverless"]
+    assert (serverless["run"], serverless["bucket"], serverless["resumed_after_round"]) == (run, bucket, resumed_after)
+    inv = serverless["invocations"]
+    for key in ("calls", "failed_calls", "mean_call_seconds", "mean_compute_seconds", "mean_overhead_seconds", "overhead_share", "bytes_per_round"):
+        assert key in inv, key
+    assert inv["mean_call_seconds"] >= inv["mean_compute_seconds"] > 0
+    assert inv["mean_overhead_seconds"] == pytest.approx(inv["mean_call_seconds"] - inv["mean_compute_seconds"], abs=1e-3)
+    assert 0 <= inv["overhead_share"] < 1
+    assert all(b > 0 for b in inv["bytes_per_round"].values()), inv["bytes_per_round"]
+
+
+def check_stores(run: str, bucket: str, strategy: str, num_rounds: int) -> dict[int, dict[str, dict]]:
+    """Firestore and Cloud Storage after a finished run; returns the invocation documents."""
+    rounds = RoundStore()
+    run_doc = rounds.get_run(run)
+    assert (run_doc["status"], run_doc["strategy"], run_doc["last_done_round"]) == (DONE, strategy, num_rounds)
+    assert run_doc["state"] == {"arrays": f"runs/{run}/rounds/{num_rounds}/global.npz", "round": num_rounds}
+    assert set(run_doc["result"]["final_accuracy"]) == set(ARCHS)
+    round_docs = rounds.rounds(run)
+    assert [(d["round"], d["status"]) for d in round_docs] == [(r, DONE) for r in range(1, num_rounds + 1)]
+    for doc in round_docs:
+        assert doc["replies"] == 3 and doc["dropped"] == [] and doc["bytes"]["down"] > 0 and doc["bytes"]["up"] > 0
+
+    docs = invocation_docs(run, num_rounds)
+    assert {r: set(d) for r, d in docs.items()} == expected_invocations(strategy, num_rounds)
+    objects = set(list_objects(bucket, f"runs/{run}/"))
+    for r, by_id in docs.items():
+        for call, doc in by_id.items():
+            assert doc["status"] == DONE and "error" not in doc, (r, call, doc)
+            assert doc["seconds"]["total"] >= doc["seconds"]["compute"] > 0, (r, call)
+            assert set(doc["objects"]) <= objects, (r, call, doc["objects"])
+
+    patterns = [re.compile(re.escape(f"runs/{run}/") + p + "$") for p in RUN_OBJECT.values()]
+    unexpected = [o for o in objects if not any(p.match(o) for p in patterns)]
+    assert not unexpected, unexpected
+    for name in list_objects(bucket):  # nothing outside the documented prefixes
+        assert re.match(r"(public/[0-9a-f]{16}/(data|test)\.npz|clients/client-\d/(data/[0-9a-f]{16}/private|state/node-\d+)\.npz|runs/.+)$", name), name
+
+    store = GcsArrayStore(bucket)
+    for r in range(1, num_rounds + 1):
+        assert f"runs/{run}/rounds/{r}/global.npz" in objects
+    if strategy == "feddf":
+        for r in range(1, num_rounds + 1):
+            glob = store.get(f"runs/{run}/rounds/{r}/global.npz")
+            for c in CLIENT_IDS:
+                weights = f"runs/{run}/rounds/{r}/clients/{c}/train/arrays.npz"
+                assert weights in objects, weights
+                logits = f"runs/{run}/rounds/{r}/clients/{c}/train/logits.npz"
+                assert docs[r][f"{c}:train"]["objects"] == sorted([weights, logits])
+                assert store.get(logits)["logits"].shape == (100, 10)  # subset-size x classes
+                arch = arch_of(c)
+                assert set(store.get(weights)) == {k.split("/", 1)[1] for k in glob if k.startswith(arch + "/")}
+                for record in ("arrays", "public"):  # the global model and the round's public inputs
+                    assert f"runs/{run}/rounds/{r}/messages/{c}/{run}.r{r}.{c}.train/{record}.npz" in objects
+            for i, a in enumerate(ARCHS):
+                assert f"runs/{run}/rounds/{r}/aggregators/{a}/student.npz" in objects
+                assert f"runs/{run}/rounds/{r}/aggregators/{a}/task-distill-{i}.npz" in objects
+    else:
+        for i, a in enumerate(ARCHS):
+            assert f"runs/{run}/rounds/0/aggregators/{a}/pretrained.npz" in objects
+            assert f"runs/{run}/rounds/0/aggregators/{a}/task-train-{i}.npz" in objects
+        for c in CLIENT_IDS:
+            assert f"runs/{run}/rounds/0/messages/{c}/{run}.r0.{c}.train.fedmd/arrays.npz" in objects  # pretrained weights
+            state = f"clients/{c}/state/node-{node_id_for(c)}.npz"
+            assert store.exists(state), state
+    return docs
+
+
+def run_cli(argv: list[str]) -> None:
+    code = main(argv)
+    assert code == 0
+
+
+@pytest.fixture(scope="module")
+def feddf_emulated(cloud_env, tmp_path_factory):
+    run, out = unique("feddf"), tmp_path_factory.mktemp("feddf-emulate")
+    run_cli(["cloud", "emulate", *experiment_flags("feddf", 2), "--run-id", run, "--out", str(out)])
+    return run, json.loads((out / "result.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def fedmd_emulated(cloud_env, tmp_path_factory):
+    run, out = unique("fedmd"), tmp_path_factory.mktemp("fedmd-emulate")
+    cache = tmp_path_factory.mktemp("pretrain-cache")  # empty: transfer learning runs on the aggregators
+    run_cli(["cloud", "emulate", *experiment_flags("fedmd", 2, "-c", f"cache-dir={cache}"), "--run-id", run, "--out", str(out)])
+    return run, json.loads((out / "result.json").read_text())
+
+
+def test_emulate_feddf_end_to_end(feddf_emulated):
+    run, result = feddf_emulated
+    check_result(result, run, EMULATE_BUCKET, "feddf", [1, 2])
+    for row in result["rounds"]:
+        assert row["replies"] == 3 and row["dropped"] == []
+        assert set(row["distill"]) == set(ARCHS)
+    inv = result["serverless"]["invocations"]
+    assert (inv["calls"], inv["failed_calls"]) == (3 + 3 * 2, 0)  # describe once, train per round
+    assert set(inv["bytes_per_round"]) == {"0", "1", "2"}
+    calls = result["serverless"]["aggregator_calls"]
+    assert sorted((c["round"], c["arch"], c["kind"]) for c in calls) == sorted((r, a, "distill") for r in (1, 2) for a in ARCHS)
+    check_stores(run, EMULATE_BUCKET, "feddf", 2)
+
+
+def test_emulate_fedmd_end_to_end(fedmd_emulated):
+    run, result = fedmd_emulated
+    check_result(result, run, EMULATE_BUCKET, "fedmd", [1, 2])
+    for row in result["rounds"]:
+        assert row["replies"] == 3 and row["dropped"] == []
+    assert set(result["transfer_learning"]["trained"]) == set(ARCHS)
+    assert set(result["baselines"]["transfer_only"]) == set(ARCHS)
+    inv = result["serverless"]["invocations"]
+    assert (inv["calls"], inv["failed_calls"]) == (3 + 3 + 3 * 2, 0)  # describe, init, one per round
+    calls = result["serverless"]["aggregator_calls"]
+    assert sorted((c["round"], c["arch"], c["kind"]) for c in calls) == sorted((0, a, "train") for a in ARCHS)
+    check_stores(run, EMULATE_BUCKET, "fedmd", 2)
+
+
+def test_client_logits_are_kept_in_cloud_storage(feddf_emulated):
+    run, _ = feddf_emulated
+    objects = list_objects(EMULATE_BUCKET, f"runs/{run}/rounds/")
+    for r in (1, 2):
+        for c in CLIENT_IDS:
+            prefix = f"runs/{run}/rounds/{r}/clients/{c}/"
+            assert any(o.startswith(prefix) and "logits" in o for o in objects), prefix
+
+
+# ============================================================== `cloud run` on a deployment
+
+
+def driver_argv(dep, tmp_path, *flags: str) -> list[str]:
+    outputs = dep.write_outputs(tmp_path / "outputs.json")
+    return ["cloud", "run", "--outputs", str(outputs), "--no-auth", *flags]
+
+
+def test_resume_after_the_driver_is_killed(live_deployment, tmp_path):
+    run = unique("resume")
+    flags = experiment_flags("feddf", 3)
+    log = tmp_path / "driver.log"
+    argv = [sys.executable, "-m", "flwr_kd.cli", *driver_argv(live_deployment, tmp_path, *flags, "--run-id", run, "--out", str(tmp_path / "killed"))]
+    rounds = RoundStore()
+
+    def last_done() -> int:
+        snap = rounds.run_ref(run).get()
+        return snap.to_dict().get("last_done_round", 0) if snap.exists else 0
+
+    with open(log, "wb") as out:
+        driver = subprocess.Popen(argv, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: last_done() >= 1, 240, f"round 1 of {run} (driver log: {log})", alive=lambda: driver.poll() is None)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    assert driver.returncode == -signal.SIGKILL, log.read_text()[-3000:]
+    assert last_done() == 1, "the driver got past round 1 before it was killed; the test needs it killed in round 2"
+    assert rounds.get_run(run)["status"] == RUNNING
+    assert not (tmp_path / "killed" / "result.json").exists()
+
+    out = tmp_path / "resumed"
+    run_cli(driver_argv(live_deployment, tmp_path, *flags, "--resume", run, "--out", str(out)))
+    result = json.loads((out / "result.json").read_text())
+    check_result(result, run, DEPLOY_BUCKET, "feddf", [2, 3], resumed_after=1)
+    assert sorted({c["round"] for c in result["serverless"]["aggregator_calls"]}) == [2, 3]
+    docs = check_stores(run, DEPLOY_BUCKET, "feddf", 3)
+    assert all(doc["attempts"] == 1 for doc in docs[1].values()), docs[1]  # round 1 was not repeated
+    # the resumed driver asked the architectures again and was answered from the records
+    assert all(doc["attempts"] == 2 for doc in docs[0].values()), docs[0]
+    assert GcsArrayStore(DEPLOY_BUCKET).exists(f"runs/{run}/rounds/3/global.npz")
+
+
+def test_a_run_with_another_data_split_gets_that_split(live_deployment, tmp_path):
+    """The deployment holds the clients' partitions of `max-private=80`; a run of the same
+    deployment with `max-private=40` must give each client its partition of *that* split (or
+    refuse to run), not silently the old one."""
+    from flwr_kd.cli import _parser, config_from_args
+    from flwr_kd.data import load_federated
+
+    run = unique("split")
+    flags = experiment_flags("feddf", 1, "-c", "max-private=40")
+    data = load_federated(config_from_args(_parser().parse_args(["cloud", "run", *flags])).data_spec)
+    expected = {c: len(data.client_data(i)[0]) for i, c in enumerate(CLIENT_IDS)}
+    try:
+        code = main(driver_argv(live_deployment, tmp_path, *flags, "--run-id", run, "--out", str(tmp_path / "out")))
+    except (ValueError, ArrayStoreError):
+        return  # refusing to run on a bucket holding another split is fine
+    assert code == 0
+    store = GcsArrayStore(DEPLOY_BUCKET)
+    reported = {}
+    for call, doc in invocation_docs(run, 0)[0].items():
+        reply = wire.decode(json.loads(doc["reply"]), store)
+        reported[call.split(":")[0]] = int(reply.content[protocol.METRICS]["num-examples"])
+    assert reported == expected
+
+
+def test_client_function_killed_mid_round_is_dropped(live_deployment, tmp_path):
+    run, victim = unique("killed"), "client-2"
+    rounds = RoundStore()
+    killed = threading.Event()
+    stop = threading.Event()
+
+    def kill_when_round_2_starts():
+        try:
+            wait_for(lambda: stop.is_set() or rounds.round_ref(run, 2).get().exists, 240, "round 2")
+        except AssertionError:
+            return
+        if not stop.is_set():
+            live_deployment.clients[victim].proc.kill()
+            killed.set()
+
+    watcher = threading.Thread(target=kill_when_round_2_starts, daemon=True)
+    watcher.start()
+    out = tmp_path / "out"
+    try:
+        run_cli(driver_argv(live_deployment, tmp_path, *experiment_flags("feddf", 2), "--run-id", run, "--retries", "1", "--out", str(out)))
+    finally:
+        stop.set()
+        watcher.join()
+    assert killed.is_set()
+    result = json.loads((out / "result.json").read_text())
+    check_result(result, run, DEPLOY_BUCKET, "feddf", [1, 2])
+    first, second = result["rounds"]
+    assert (first["replies"], first["dropped"]) == (3, [])
+    assert second["replies"] == 2
+    (dropped,) = second["dropped"]
+    assert dropped["node"] == node_id_for(victim)
+    assert victim in dropped["reason"] and "failed" in dropped["reason"], dropped
+    assert result["serverless"]["invocations"]["failed_calls"] == 1
+
+    assert [(d["round"], d["status"]) for d in rounds.rounds(run)] == [(1, DONE), (2, DONE)]
+    assert rounds.get_run(run)["status"] == DONE
+    docs = invocation_docs(run, 2)
+    assert set(docs[1]) == expected_invocations("feddf", 2)[1]
+    survivors = {f"{c}:train" for c in CLIENT_IDS if c != victim} | {f"aggregator:{a}:distill" for a in ARCHS}
+    assert survivors <= set(docs[2])
+    assert all(docs[2][call]["status"] == DONE for call in survivors)
+    assert docs[2].get(f"{victim}:train", {}).get("status") != DONE  # never finished
+    objects = list_objects(DEPLOY_BUCKET, f"runs/{run}/rounds/2/clients/")
+    assert objects == sorted(
+        f"runs/{run}/rounds/2/clients/{c}/train/{record}.npz" for c in CLIENT_IDS if c != victim for record in ("arrays", "logits")
+    )
+    assert GcsArrayStore(DEPLOY_BUCKET).exists(f"runs/{run}/rounds/2/global.npz")
