@@ -133,7 +133,8 @@ def _cloud(args: argparse.Namespace, cfg: ExperimentConfig) -> int:
         print("flwr-kd: error: cloud run needs --outputs (terraform output -json > outputs.json)", file=sys.stderr)
         return 2
     try:
-        deployment = Deployment.from_terraform_outputs(json.loads(open(args.outputs).read()))
+        with open(args.outputs) as f:
+            deployment = Deployment.from_terraform_outputs(json.load(f))
     except (OSError, ValueError, KeyError) as exc:
         print(f"flwr-kd: error: cannot read terraform outputs {args.outputs}: {exc}", file=sys.stderr)
         return 2

@@ -65,7 +65,7 @@ class DataSpec:
         return {f"data-{k.replace('_', '-')}": v for k, v in values.items()}
 
     @classmethod
-    def from_config(cls, config: dict) -> "DataSpec":
+    def from_config(cls, config: dict) -> DataSpec:
         values = {
             k[len("data-"):].replace("-", "_"): v for k, v in config.items() if k.startswith("data-")
         }
@@ -179,7 +179,7 @@ def _load_hf(name: str) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.nd
 
     try:
         loaded = datasets.load_dataset(name)
-    except Exception as exc:  # noqa: BLE001 - datasets raises many types; name the cause
+    except Exception as exc:
         raise DataError(f"cannot load Hugging Face dataset '{name}': {exc}") from exc
     train = _hf_to_numpy(loaded["train"])
     test = _hf_to_numpy(loaded["test"]) if "test" in loaded else None

@@ -63,7 +63,7 @@ class ExperimentConfig:
     # -- conversions ------------------------------------------------------------------------
 
     @classmethod
-    def from_run_config(cls, run_config: dict) -> "ExperimentConfig":
+    def from_run_config(cls, run_config: dict) -> ExperimentConfig:
         """From Flower run-config keys (kebab-case); unknown keys are an error."""
         known = {f.name.replace("_", "-"): f for f in fields(cls)}
         values = {}

@@ -26,7 +26,7 @@ class FanOut(ABC):
     def close(self) -> None:
         """Release workers (no-op by default)."""
 
-    def __enter__(self) -> "FanOut":
+    def __enter__(self) -> FanOut:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -26,8 +26,8 @@ from flwr_kd.data import FederatedData, load_federated
 from flwr_kd.experiment import ExperimentConfig
 from flwr_kd.fanout import FanOut, make_fanout
 from flwr_kd.models import ModelSpec, create_model, state_to_numpy
-from flwr_kd.records import pack_models
 from flwr_kd.pretrain import PretrainConfig
+from flwr_kd.records import pack_models
 from flwr_kd.report import RoundRecorder, ServerTestScore, print_summary, write_result
 from flwr_kd.strategy import FedDF, FedMD, HeteroFedAvg
 from flwr_kd.strategy.resume import RoundOffset
@@ -145,7 +145,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, hooks: RuntimeHooks | None
         state_uri = hooks.state_uri or "file://" + stack.enter_context(tempfile.TemporaryDirectory(prefix="flwr-kd-clients-"))
         strategy = build_strategy(cfg, data, fanout, state_uri=state_uri)
         if isinstance(strategy, FedMD):  # client models stay on clients: they report accuracy
-            score = lambda server_round, arrays: strategy.accuracy.get(server_round, {})  # noqa: E731
+            score = lambda server_round, arrays: strategy.accuracy.get(server_round, {})
         else:
             score = ServerTestScore(cfg.arch_list, data.model_spec, data.test_x, data.test_y)
         recorder = RoundRecorder(cfg.arch_list, score, on_round_end=hooks.on_round_end and (lambda r, a: hooks.on_round_end(r, a, strategy)))

@@ -15,21 +15,20 @@ with every message in simulation.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import time
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from flwr_kd import protocol
-from flwr_kd.state import open_state_store
 from flwr_kd.data import DataSpec, load_federated
 from flwr_kd.distill import digest
 from flwr_kd.models import ModelSpec, create_model, load_numpy_state, state_to_numpy
 from flwr_kd.records import record_to_state, state_to_record
+from flwr_kd.state import open_state_store
 from flwr_kd.training import evaluate, predict_logits, train_supervised, train_with_early_stopping
 
 

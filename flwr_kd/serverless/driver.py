@@ -43,7 +43,7 @@ class Deployment:
     firestore_database: str = "(default)"
 
     @classmethod
-    def from_terraform_outputs(cls, outputs: dict) -> "Deployment":
+    def from_terraform_outputs(cls, outputs: dict) -> Deployment:
         """From `terraform output -json` (values under "value", as Terraform writes them)."""
         def value(name):
             if name not in outputs:

@@ -34,7 +34,7 @@ class EmulatedStack:
         self.clients: dict[str, FunctionProcess] = {}
         self.aggregators: dict[str, FunctionProcess] = {}
 
-    def __enter__(self) -> "EmulatedStack":
+    def __enter__(self) -> EmulatedStack:
         try:
             self._start()
         except BaseException:

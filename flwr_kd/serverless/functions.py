@@ -74,7 +74,7 @@ class FunctionEnv:
     max_body_bytes: int = MAX_BODY_BYTES
 
     @classmethod
-    def from_environ(cls, kind: str) -> "FunctionEnv":
+    def from_environ(cls, kind: str) -> FunctionEnv:
         required = ["FLWR_KD_BUCKET", "FLWR_KD_ARCH"]
         if kind == "client":
             required += ["FLWR_KD_CLIENT_ID", "FLWR_KD_DATA_PREFIX"]

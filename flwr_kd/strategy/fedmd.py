@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from logging import INFO, WARNING
+from logging import INFO
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -29,7 +29,13 @@ from flwr_kd.fanout import FanOut, ProcessFanOut
 from flwr_kd.models import ModelSpec
 from flwr_kd.pretrain import PretrainConfig, TransferReport, per_client_seconds, transfer_learning
 from flwr_kd.records import State, state_to_record, unpack_models
-from flwr_kd.strategy.hetero import LOGITS_DTYPES, RoundStats, logits_problem, payload_bytes
+from flwr_kd.strategy.hetero import (
+    LOGITS_DTYPES,
+    RoundStats,
+    logits_problem,
+    payload_bytes,
+    screen_replies,
+)
 from flwr_kd.strategy.nodes import ArchitectureRegistry
 
 
@@ -238,18 +244,10 @@ class FedMD(Strategy):
     def _aggregate(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord, MetricRecord]:
         stats = self.stats.setdefault(server_round, RoundStats())
         stats.seconds["clients"] = time.perf_counter() - self._sent_at
-        valid: list[tuple[str, np.ndarray, dict]] = []
-        for msg in replies:
-            if not msg.has_error():
-                stats.bytes_up += payload_bytes(msg.content)
-            parsed = self.check_reply(msg, server_round + 1)
-            if isinstance(parsed, str):
-                node = msg.metadata.src_node_id
-                log(WARNING, "round %d: left node %s out of the consensus: %s", server_round, node, parsed)
-                stats.dropped.append({"node": node, "reason": parsed})
-            else:
-                valid.append(parsed)
-        stats.replies = len(valid)
+        valid: list[tuple[str, np.ndarray, dict]] = screen_replies(
+            server_round, replies, lambda msg: self.check_reply(msg, server_round + 1), stats,
+            template="round %d: left node %s out of the consensus: %s",
+        )
         stats.client_compute = [sum(v for k, v in m.items() if k.endswith("-seconds")) for _, _, m in valid]
         if len(valid) < self.min_replies:
             raise FedMDError(

@@ -22,8 +22,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from flwr_kd import protocol
-from flwr_kd.strategy.nodes import ArchitectureRegistry, count_by_value
 from flwr_kd.records import State, pack_models, record_to_state, state_to_record, unpack_models
+from flwr_kd.strategy.nodes import ArchitectureRegistry, count_by_value
 
 
 @dataclass
@@ -84,6 +84,24 @@ def logits_problem(logits: np.ndarray, expected_shape: tuple[int, int]) -> str |
     if not np.isfinite(logits).all():
         return "logits have non-finite values"
     return None
+
+
+def screen_replies(server_round, replies, check, stats: RoundStats, template="round %d: dropped reply of node %s: %s") -> list:
+    """The parsed replies that `check` accepts; each other one is logged (node and reason) and
+    recorded in `stats.dropped`. Counts the bytes received and the valid replies."""
+    valid = []
+    for msg in replies:
+        if not msg.has_error():
+            stats.bytes_up += payload_bytes(msg.content)
+        parsed = check(msg)
+        if isinstance(parsed, str):
+            node = msg.metadata.src_node_id
+            log(WARNING, template, server_round, node, parsed)
+            stats.dropped.append({"node": node, "reason": parsed})
+        else:
+            valid.append(parsed)
+    stats.replies = len(valid)
+    return valid
 
 
 def payload_bytes(content: RecordDict) -> int:
@@ -208,18 +226,7 @@ class HeteroFedAvg(Strategy):
         stats = self.stats.setdefault(server_round, RoundStats())
         stats.seconds["clients"] = time.perf_counter() - self._sent_at
         t0 = time.perf_counter()
-        accepted: list[ClientReply] = []
-        for msg in replies:
-            if not msg.has_error():
-                stats.bytes_up += payload_bytes(msg.content)
-            parsed = self.check_reply(msg)
-            if isinstance(parsed, str):
-                node = msg.metadata.src_node_id
-                log(WARNING, "round %d: dropped reply of node %s: %s", server_round, node, parsed)
-                stats.dropped.append({"node": node, "reason": parsed})
-            else:
-                accepted.append(parsed)
-        stats.replies = len(accepted)
+        accepted: list[ClientReply] = screen_replies(server_round, replies, self.check_reply, stats)
         stats.client_compute = [r.compute_seconds for r in accepted]
         if not accepted:
             log(WARNING, "round %d: no valid replies; global models unchanged", server_round)
