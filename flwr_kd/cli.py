@@ -31,7 +31,11 @@ def _parser() -> argparse.ArgumentParser:
     _experiment_flags(run)
     _cloud_flags(run)
     run.add_argument("--outputs", help="file with `terraform output -json`")
+    run.add_argument("--project", help="find the functions with the Cloud Functions API instead")
+    run.add_argument("--region", help="with --project")
+    run.add_argument("--name-prefix", default="flwr-kd", help="with --project: terraform's name_prefix")
     run.add_argument("--no-auth", action="store_true", help="send no ID token (for local URLs)")
+    run.add_argument("--skip-active-check", action="store_true", help="do not ask the Cloud Functions API whether every function is ACTIVE")
     return parser
 
 
@@ -129,14 +133,27 @@ def _cloud(args: argparse.Namespace, cfg: ExperimentConfig) -> int:
         return 0
     from flwr_kd.serverless.driver import Deployment, drive
 
-    if not args.outputs:
-        print("flwr-kd: error: cloud run needs --outputs (terraform output -json > outputs.json)", file=sys.stderr)
-        return 2
+    from flwr_kd.serverless.discovery import DeploymentError, check_active, discover
+
+    project, region = args.project, args.region
     try:
-        with open(args.outputs) as f:
-            deployment = Deployment.from_terraform_outputs(json.load(f))
-    except (OSError, ValueError, KeyError) as exc:
-        print(f"flwr-kd: error: cannot read terraform outputs {args.outputs}: {exc}", file=sys.stderr)
+        if args.outputs:
+            with open(args.outputs) as f:
+                outputs = json.load(f)
+            deployment = Deployment.from_terraform_outputs(outputs)
+            project = project or (outputs.get("project") or {}).get("value")
+            region = region or (outputs.get("region") or {}).get("value")
+        elif project and region:
+            deployment = discover(project, region, args.name_prefix)
+        else:
+            print("flwr-kd: error: cloud run needs --outputs (terraform output -json) or --project and --region", file=sys.stderr)
+            return 2
+        if not args.skip_active_check:
+            if not (project and region):
+                raise DeploymentError("cannot check the functions are ACTIVE without project and region (or pass --skip-active-check)")
+            check_active(project, region, [c.url for c in deployment.clients] + list(deployment.aggregators.values()))
+    except (OSError, ValueError, KeyError, DeploymentError) as exc:
+        print(f"flwr-kd: error: {exc}", file=sys.stderr)
         return 2
     options.auth = None if args.no_auth else google_id_token_auth()
     import uuid

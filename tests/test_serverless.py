@@ -625,7 +625,7 @@ def test_client_logits_are_kept_in_cloud_storage(feddf_emulated):
 
 def driver_argv(dep, tmp_path, *flags: str) -> list[str]:
     outputs = dep.write_outputs(tmp_path / "outputs.json")
-    return ["cloud", "run", "--outputs", str(outputs), "--no-auth", *flags]
+    return ["cloud", "run", "--outputs", str(outputs), "--no-auth", "--skip-active-check", *flags]  # no Functions API locally
 
 
 def test_resume_after_the_driver_is_killed(live_deployment, tmp_path):
