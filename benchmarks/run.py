@@ -31,10 +31,11 @@ MODES = {
         aggregation=dict(subset=440, steps=30, clients=6), emulate_rounds=1, emulate_clients=3,
     ),
     "full": dict(
-        dataset="fashion-mnist", clients=10, alphas=[0.1, 0.5, 100.0], rounds=5, archs="resnet10t,mobilenetv3_small_050,test_vit",
-        extra=["-c", "max-private=3000", "-c", "local-epochs=3", "-c", "distill-steps=80", "-c", "subset-size=1500",
-               "-c", "pretrain-epochs=3", "-c", "finetune-epochs=5", "-c", "public-fraction=0.1"],
-        aggregation=dict(subset=5000, steps=60, clients=10), emulate_rounds=2, emulate_clients=4,
+        dataset="fashion-mnist", clients=10, alphas=[0.1, 0.5, 100.0], rounds=4, archs="resnet10t,mobilenetv3_small_050,test_vit",
+        extra=["-c", "max-private=3000", "-c", "max-test=2000", "-c", "local-epochs=3", "-c", "distill-steps=80",
+               "-c", "subset-size=1000", "-c", "pretrain-epochs=3", "-c", "finetune-epochs=5", "-c", "digest-epochs=2",
+               "-c", "public-fraction=0.1"],
+        aggregation=dict(subset=3000, steps=60, clients=10), emulate_rounds=2, emulate_clients=4,
     ),
 }
 

@@ -43,6 +43,7 @@ class DataSpec:
     val_fraction: float = 0.05
     test_fraction: float = 0.2  # used only when the dataset ships no test split
     max_private: int = 0  # cap on the private pool (0: no cap), to size CPU runs
+    max_test: int = 0  # cap on the test set (0: no cap)
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS and not self.dataset.startswith("hf:"):
@@ -241,6 +242,8 @@ def load_federated(spec: DataSpec) -> FederatedData:
     private = (x[cut + n_public + n_val :], y[cut + n_public + n_val :])
     if spec.max_private:
         private = (private[0][: spec.max_private], private[1][: spec.max_private])
+    if spec.max_test:
+        test = (test[0][: spec.max_test], test[1][: spec.max_test])
     if spec.num_partitions > len(private[0]):
         raise DataError(
             f"{spec.num_partitions} clients but only {len(private[0])} private samples in "

@@ -56,6 +56,7 @@ class ExperimentConfig:
     measure_pretrain_per_client: bool = False
     cache_dir: str = ""
     max_private: int = 0
+    max_test: int = 0
     public_fraction: float = 0.25
     local_only_baseline: bool = True
     out_dir: str = ""
@@ -98,6 +99,7 @@ class ExperimentConfig:
             alpha=self.alpha or None,
             seed=self.seed,
             max_private=self.max_private,
+            max_test=self.max_test,
             public_fraction=self.public_fraction,
         )
 
