@@ -31,7 +31,7 @@ demo: $(STAMP)
 
 ## The whole test suite (starts and stops what it needs itself).
 test: $(STAMP) $(CHECKOV_STAMP)
-	CHECKOV=$(CHECKOV_VENV)/bin/checkov $(PY) -m pytest -q
+	CHECKOV=$(CURDIR)/$(CHECKOV_VENV)/bin/checkov $(PY) -m pytest -q
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check flwr_kd tests

@@ -412,6 +412,9 @@ def test_checkov_reports_no_failed_check():
         text=True,
         timeout=600,
         cwd=ROOT,
+        # checkov runs in its own venv: earlier tests (Ray) leave PYTHONPATH pointing into .venv,
+        # whose python-hcl2 would shadow checkov's bc-python-hcl2
+        env={k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")},
     )
     assert proc.stdout.strip(), (
         f"checkov printed nothing (rc {proc.returncode}):\n{proc.stderr[-3000:]}"
