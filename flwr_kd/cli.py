@@ -8,6 +8,7 @@ import sys
 from flwr_kd.data import DataError, load_federated
 from flwr_kd.experiment import STRATEGIES, ConfigError, ExperimentConfig
 from flwr_kd.models import UnknownArchitectureError, check_architecture
+from flwr_kd.strategy.hetero import TooFewReplies
 
 
 class _Parser(argparse.ArgumentParser):
@@ -61,6 +62,10 @@ def _experiment_flags(sim: argparse.ArgumentParser) -> None:
     sim.add_argument("--teacher", default=d.teacher, help="clients (logits from clients) or server")
     sim.add_argument("--logits-dtype", default=d.logits_dtype)
     sim.add_argument("--fanout", default=d.fanout, help="process (parallel) or serial")
+    sim.add_argument("--min-replies", type=int, default=d.min_replies, help="valid replies a round needs")
+    sim.add_argument("--round-timeout", type=float, default=d.round_timeout, help="seconds before stragglers are cut (0: 3600)")
+    sim.add_argument("--fail-rate", type=float, default=d.fail_rate, help="inject faults into this share of client calls (off: 0)")
+    sim.add_argument("--fail-kinds", default=d.fail_kinds, help="fault kinds, comma-separated (see flwr_kd.faults)")
     sim.add_argument(
         "-c", "--run-config", action="append", default=[], metavar="KEY=VALUE",
         help="any other run-config key (see flwr_kd.experiment), repeatable",
@@ -91,6 +96,10 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
             "teacher": args.teacher,
             "logits-dtype": args.logits_dtype,
             "fanout": args.fanout,
+            "min-replies": args.min_replies,
+            "round-timeout": args.round_timeout,
+            "fail-rate": args.fail_rate,
+            "fail-kinds": args.fail_kinds,
             "local-only-baseline": not args.no_baseline,
             "out-dir": args.out,
             **extra,
@@ -109,12 +118,20 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, UnknownArchitectureError) as exc:
         print(f"flwr-kd: error: {exc}", file=sys.stderr)
         return 2
-    if args.command == "simulate":
-        from flwr_kd.simulation import simulate
+    try:
+        if args.command == "simulate":
+            from flwr_kd.simulation import simulate
 
-        simulate(cfg, verbose=args.verbose)
-        return 0
-    return _cloud(args, cfg)
+            simulate(cfg, verbose=args.verbose)
+            return 0
+        return _cloud(args, cfg)
+    except ConfigError as exc:
+        print(f"flwr-kd: error: {exc}", file=sys.stderr)
+        return 2
+    except TooFewReplies as exc:
+        hint = f"; resume it with --resume {exc.run_id}" if getattr(exc, "run_id", None) else ""
+        print(f"flwr-kd: error: {exc}{hint}", file=sys.stderr)
+        return 1
 
 
 def _cloud(args: argparse.Namespace, cfg: ExperimentConfig) -> int:
@@ -131,9 +148,8 @@ def _cloud(args: argparse.Namespace, cfg: ExperimentConfig) -> int:
 
         emulate(cfg, run_id, resume=bool(args.resume), options=options)
         return 0
-    from flwr_kd.serverless.driver import Deployment, drive
-
     from flwr_kd.serverless.discovery import DeploymentError, check_active, discover
+    from flwr_kd.serverless.driver import Deployment, drive
 
     project, region = args.project, args.region
     try:

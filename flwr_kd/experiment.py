@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, fields
 
 from flwr_kd.data import DataSpec
 from flwr_kd.distill import DistillConfig
+from flwr_kd.faults import parse_kinds
 from flwr_kd.models import DEFAULT_ARCHITECTURES, check_architecture
 
 STRATEGIES = ("feddf", "fedmd", "fedavg")
@@ -52,7 +53,13 @@ class ExperimentConfig:
     digest_loss: str = "kl"
     digest_temperature: float = 3.0
     revisit_epochs: int = 1
+    # Reliability: a round needs `min-replies` valid replies; `round-timeout` (seconds, 0:
+    # Flower's default of 3600) cuts stragglers; `fail-*` inject faults (see flwr_kd.faults).
     min_replies: int = 2
+    round_timeout: float = 0.0
+    fail_rate: float = 0.0
+    fail_kinds: str = ""
+    fail_hang_seconds: float = 10.0
     measure_pretrain_per_client: bool = False
     cache_dir: str = ""
     max_private: int = 0
@@ -127,6 +134,10 @@ class ExperimentConfig:
             "local-epochs": self.local_epochs,
             "batch-size": self.batch_size,
             "lr": self.lr,
+            **(
+                {"fail-rate": self.fail_rate, "fail-kinds": self.fail_kinds, "fail-hang-seconds": self.fail_hang_seconds}
+                if self.fail_rate > 0 else {}
+            ),
         }
 
     # -- validation -------------------------------------------------------------------------
@@ -161,6 +172,14 @@ class ExperimentConfig:
             raise ConfigError(f"digest-loss must be mae or kl, got '{self.digest_loss}'")
         if not 1 <= self.min_replies <= self.num_clients:
             raise ConfigError(f"min-replies must lie in [1, num-clients], got {self.min_replies}")
+        if not 0 <= self.fail_rate <= 1:
+            raise ConfigError(f"fail-rate must lie in [0, 1], got {self.fail_rate}")
+        try:
+            parse_kinds(self.fail_kinds)
+        except ValueError as exc:
+            raise ConfigError(f"fail-kinds: {exc}") from None
+        if self.fail_hang_seconds < 0 or self.round_timeout < 0:
+            raise ConfigError("fail-hang-seconds and round-timeout must not be negative")
         if self.fanout not in ("process", "serial"):
             raise ConfigError(f"fanout must be process or serial, got '{self.fanout}'")
 

@@ -75,6 +75,7 @@ def build_strategy(cfg: ExperimentConfig, data: FederatedData, fanout: FanOut, s
         fraction_train=cfg.fraction_train,
         fraction_evaluate=cfg.fraction_evaluate,
         min_available_nodes=cfg.num_clients,
+        min_replies=cfg.min_replies,
         seed=cfg.seed,
     )
     if cfg.strategy == "fedavg":
@@ -160,6 +161,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, hooks: RuntimeHooks | None
             train_config=client_config,
             evaluate_config=ConfigRecord(cfg.client_config()),
             evaluate_fn=recorder,
+            **({"timeout": cfg.round_timeout} if cfg.round_timeout else {}),
         )
         baselines = {}
         if isinstance(strategy, FedMD) and not hooks.rounds_done:

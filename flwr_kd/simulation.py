@@ -10,7 +10,8 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from flwr_kd.experiment import ExperimentConfig
+from flwr_kd.experiment import ConfigError, ExperimentConfig
+from flwr_kd.faults import SERVERLESS_ONLY, parse_kinds
 from flwr_kd.server_app import run_experiment
 
 
@@ -27,6 +28,9 @@ def _contain_runtime() -> None:
 
 def simulate(cfg: ExperimentConfig, verbose: bool = False) -> dict:
     """Run `cfg` with one simulated SuperNode per client; returns the result dict."""
+    unsupported = [k for k in parse_kinds(cfg.fail_kinds) if k in SERVERLESS_ONLY] if cfg.fail_rate else []
+    if unsupported:
+        raise ConfigError(f"fault kind(s) {', '.join(unsupported)} need the serverless runtime (flwr-kd cloud emulate)")
     _contain_runtime()
     from flwr.simulation import run_simulation
 
@@ -37,7 +41,10 @@ def simulate(cfg: ExperimentConfig, verbose: bool = False) -> dict:
 
     @server.main()
     def _main(grid: Grid, context: Context) -> None:
-        holder["result"] = run_experiment(grid, cfg)
+        try:
+            holder["result"] = run_experiment(grid, cfg)
+        except Exception as exc:  # noqa: BLE001 - re-raised below, outside Flower's runtime
+            holder["error"] = exc
 
     logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.WARNING)
     run_simulation(
@@ -49,6 +56,8 @@ def simulate(cfg: ExperimentConfig, verbose: bool = False) -> dict:
             "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False},
         },
     )
+    if "error" in holder:
+        raise holder["error"]
     if "result" not in holder:
         raise RuntimeError("the simulation ended without a result; rerun with --verbose to see why")
     return holder["result"]

@@ -31,21 +31,24 @@ resource "google_cloudfunctions2_function" "client" {
   }
 
   service_config {
-    available_memory                 = var.client_memory
-    available_cpu                    = var.client_cpu
-    timeout_seconds                  = var.timeout_seconds
-    min_instance_count               = 0
-    max_instance_count               = var.max_instances
+    available_memory   = var.client_memory
+    available_cpu      = var.client_cpu
+    timeout_seconds    = var.timeout_seconds
+    min_instance_count = 0
+    # One instance serving one request at a time: a client is one node, and a request that
+    # finds its call still "running" then knows the earlier attempt died (FLWR_KD_ONE_INSTANCE).
+    max_instance_count               = 1
     max_instance_request_concurrency = 1
     ingress_settings                 = var.ingress_settings
     all_traffic_on_latest_revision   = true
     service_account_email            = google_service_account.client[each.key].email
 
     environment_variables = merge(local.common_env, {
-      FLWR_KD_INVOKER     = google_service_account.driver.email
-      FLWR_KD_CLIENT_ID   = each.key
-      FLWR_KD_ARCH        = each.value.architecture
-      FLWR_KD_DATA_PREFIX = local.client_data_prefix[each.key]
+      FLWR_KD_INVOKER      = google_service_account.driver.email
+      FLWR_KD_CLIENT_ID    = each.key
+      FLWR_KD_ARCH         = each.value.architecture
+      FLWR_KD_DATA_PREFIX  = local.client_data_prefix[each.key]
+      FLWR_KD_ONE_INSTANCE = "1"
     })
   }
 

@@ -77,6 +77,7 @@ locals {
     GOOGLE_CLOUD_PROJECT       = var.project
     FLWR_KD_VERIFY_TOKENS      = var.verify_tokens ? "1" : "0"
     FLWR_KD_MAX_BODY_BYTES     = tostring(var.max_request_bytes)
+    FLWR_KD_TOKEN_CERTS_URL    = "https://www.googleapis.com/oauth2/v1/certs" # Google's ID-token signing keys
   }
 
   apis = [

@@ -181,7 +181,7 @@ variable "timeout_seconds" {
 }
 
 variable "max_instances" {
-  description = "Maximum instances of each function. A client is one node and the driver sends it one request at a time, so 1 bounds cost; raise it to absorb a retry that overlaps a slow call."
+  description = "Maximum instances of each aggregator function (client functions always run one instance: a client is one node, served one request at a time)."
   type        = number
   default     = 1
 

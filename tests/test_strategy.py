@@ -23,7 +23,7 @@ from flwr_kd.distill import DistillConfig
 from flwr_kd.fanout import SerialFanOut
 from flwr_kd.models import ModelSpec, create_model, state_to_numpy
 from flwr_kd.records import pack_models, record_to_state, unpack_models
-from flwr_kd.strategy import FedDF, HeteroFedAvg
+from flwr_kd.strategy import FedDF, HeteroFedAvg, TooFewReplies
 from flwr_kd.strategy.hetero import fedavg
 
 pytestmark = pytest.mark.usefixtures("server_task_identity")
@@ -278,19 +278,35 @@ def test_bad_replies_are_dropped_with_reasons_and_valid_ones_aggregated(caplog):
         assert any(not np.array_equal(models[arch][k], initial[arch][k]) for k in initial[arch])
 
 
-def test_round_without_valid_replies_keeps_the_global_models(caplog):
+def test_round_without_enough_valid_replies_fails_naming_the_minimum():
     n = 2
     spec = _spec(n)
     data = load_federated(spec)
     grid = _grid(n, faults={node_id_of(p): _raise for p in range(n)})
     strategy = HeteroFedAvg(min_available_nodes=n)
     initial = pack_models(_initial(data.model_spec))
-    caplog.set_level(logging.WARNING, logger="flwr")
-    result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=1, train_config=_train_config(spec))
-    assert isinstance(result, Result)
-    assert len(strategy.stats[1].dropped) == n and strategy.stats[1].replies == 0
-    assert result.train_metrics_clientapp == {}
-    assert any("no valid replies" in r.getMessage() for r in caplog.records)
+    with pytest.raises(TooFewReplies, match=r"round 1: 0 valid replies, fewer than min_replies=1") as info:
+        strategy.start(grid=grid, initial_arrays=initial, num_rounds=1, train_config=_train_config(spec))
+    assert sorted(d["node"] for d in info.value.dropped) == sorted(node_id_of(p) for p in range(n))
+    assert all(d["type"] == "train" and "disk full" in d["reason"] for d in info.value.dropped)
+
+
+@pytest.mark.parametrize("min_replies, completes", [(2, True), (3, False)])
+def test_a_round_completes_with_the_replies_it_got_down_to_min_replies(min_replies, completes):
+    n = 3
+    spec = _spec(n)
+    data = load_federated(spec)
+    grid = _grid(n, faults={node_id_of(0): _raise})
+    strategy = HeteroFedAvg(min_available_nodes=n, min_replies=min_replies)
+    initial = pack_models(_initial(data.model_spec))
+    run = lambda: strategy.start(grid=grid, initial_arrays=initial, num_rounds=1, train_config=_train_config(spec))  # noqa: E731
+    if not completes:
+        with pytest.raises(TooFewReplies, match="2 valid replies, fewer than min_replies=3"):
+            run()
+        return
+    result = run()
+    assert strategy.stats[1].replies == 2 and [d["node"] for d in strategy.stats[1].dropped] == [node_id_of(0)]
+    assert result.train_metrics_clientapp[1]["replies"] == 2
 
 
 # ---------------------------------------------------------------------------- (c) fedavg

@@ -3,5 +3,7 @@
 from flwr.clientapp import ClientApp
 
 from flwr_kd.client.handlers import KDClient
+from flwr_kd.faults import fault_injection_mod
 
-app = KDClient().register(ClientApp())
+#: Injects the faults the run config asks for (`fail-rate`); a no-op by default.
+app = KDClient().register(ClientApp(mods=[fault_injection_mod]))

@@ -31,6 +31,7 @@ from flwr_kd.serverless.arraystore import AlreadyExists, GcsArrayStore
 from flwr_kd.serverless.functions import data_fingerprint, private_object, public_objects
 from flwr_kd.serverless.grid import ClientEndpoint, CloudFunctionGrid, GridOptions, round_of
 from flwr_kd.serverless.roundstore import RoundStore
+from flwr_kd.strategy import TooFewReplies
 
 
 @dataclass
@@ -155,6 +156,15 @@ def overhead_summary(grid: CloudFunctionGrid) -> dict:
     }
 
 
+def record_verdicts(rounds: RoundStore, grid: CloudFunctionGrid, run_id: str, server_round: int, dropped: list[dict]) -> None:
+    """Write why each left-out reply was left out into its call's invocation document (the
+    function cannot know: a reply it sent may be late, invalid or lost on the way)."""
+    for entry in dropped:
+        endpoint = grid.endpoints.get(entry["node"])
+        if endpoint is not None and entry.get("type"):
+            rounds.record_verdict(run_id, server_round, f"{endpoint.client_id}:{entry['type']}", entry["reason"])
+
+
 def drive(cfg: ExperimentConfig, deployment: Deployment, run_id: str, *, resume: bool = False, options: GridOptions | None = None) -> dict:
     """Run (or resume) `run_id` on `deployment`; returns the result (written to cfg.out_dir)."""
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 0, SUPERLINK_NODE_ID
@@ -189,6 +199,7 @@ def drive(cfg: ExperimentConfig, deployment: Deployment, run_id: str, *, resume:
             pass
         stats = strategy.stats.get(server_round)
         record = {"bytes": stats.to_dict()["bytes"], "replies": stats.replies, "dropped": stats.dropped} if stats else {}
+        record_verdicts(rounds, grid, run_id, server_round, record.get("dropped", []))
         rounds.finish_round(run_id, server_round, record, {"arrays": name, "round": server_round})
 
     hooks.on_round_end = on_round_end
@@ -196,7 +207,10 @@ def drive(cfg: ExperimentConfig, deployment: Deployment, run_id: str, *, resume:
     try:
         result = run_experiment(grid, run_cfg, hooks)
     except BaseException as exc:
+        if isinstance(exc, TooFewReplies):
+            record_verdicts(rounds, grid, run_id, grid.current_round, exc.dropped)
         rounds.fail_round(run_id, max(grid.current_round, 1), f"{type(exc).__name__}: {exc}")
+        exc.run_id = run_id  # for the "resume it" hint
         raise
     finally:
         grid.close()

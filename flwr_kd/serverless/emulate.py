@@ -2,8 +2,9 @@
 
 Starts fake-gcs-server and the Firestore emulator (unless `STORAGE_EMULATOR_HOST` and
 `FIRESTORE_EMULATOR_HOST` name running ones, which are then used and left with their data),
-one functions-framework process per client and per architecture's aggregator, runs the
-driver, and stops everything it started.
+one functions-framework process per client and per architecture's aggregator (restarted when
+it dies, as the platform replaces a crashed instance), runs the driver, and stops everything it
+started.
 """
 
 from __future__ import annotations
@@ -77,12 +78,15 @@ class EmulatedStack:
         procs = []
         for pid in range(self.cfg.num_clients):
             cid, arch = f"client-{pid}", self.cfg.arch_of_partition(pid)
-            env = {**base_env, "FLWR_KD_CLIENT_ID": cid, "FLWR_KD_ARCH": arch, "FLWR_KD_DATA_PREFIX": f"clients/{cid}/data/"}
+            env = {
+                **base_env, "FLWR_KD_CLIENT_ID": cid, "FLWR_KD_ARCH": arch,
+                "FLWR_KD_DATA_PREFIX": f"clients/{cid}/data/", "FLWR_KD_ONE_INSTANCE": "1",
+            }
             procs.append(("client", cid, arch, env))
         for arch in self.cfg.arch_list:
             procs.append(("aggregator", f"aggregator-{arch}", arch, {**base_env, "FLWR_KD_ARCH": arch}))
         for target, name, arch, env in procs:
-            fn = FunctionProcess(CLOUD_SOURCE, target, env, name, self.log_dir)
+            fn = FunctionProcess(CLOUD_SOURCE, target, env, name, self.log_dir, supervise=True)
             self._stack.callback(fn.stop)
             (self.clients if target == "client" else self.aggregators)[name if target == "client" else arch] = fn
         self.started.append(f"{len(self.clients)} client and {len(self.aggregators)} aggregator functions")

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -115,9 +116,12 @@ class StorageEmulator:
 
 class FunctionProcess:
     """One functions-framework process serving one target of `cloud/main.py`; like a deployed
-    gen2 function with concurrency 1, it serves one request at a time."""
+    gen2 function with concurrency 1, it serves one request at a time.
 
-    def __init__(self, source: Path, target: str, env: dict, name: str, log_dir: Path | None = None) -> None:
+    With `supervise=True` a process that dies is started again on the same port, as the
+    platform replaces a crashed instance (`restarts` counts how often)."""
+
+    def __init__(self, source: Path, target: str, env: dict, name: str, log_dir: Path | None = None, supervise: bool = False) -> None:
         self.target, self.name, self.port = target, name, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._spawn = lambda: ManagedProcess(
@@ -126,11 +130,30 @@ class FunctionProcess:
             env=env,
             log_path=log_dir / f"{name}.log" if log_dir else None,
         )
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self.restarts = 0
         self.start()
+        if supervise:
+            threading.Thread(target=self._supervise, name=f"supervise-{name}", daemon=True).start()
 
     def start(self) -> None:
+        self._stopping.clear()
         self.proc = self._spawn()
-        _wait_http(f"{self.url}/", self.proc.process, 120, f"function {self.name}", ok=(200, 400, 405, 415))
+        _wait_http(f"{self.url}/", self.proc.process, 120, f"function {self.name}", ok=(200, 400, 401, 403, 405, 415))
+
+    def _supervise(self) -> None:
+        while not self._stopping.wait(0.2):
+            with self._lock:
+                if self._stopping.is_set() or self.proc.process.poll() is None:
+                    continue
+                self.restarts += 1
+                try:
+                    self.start()
+                except RuntimeError:
+                    self.proc.stop()  # try again on the next tick
 
     def stop(self) -> None:
-        self.proc.stop()
+        self._stopping.set()
+        with self._lock:
+            self.proc.stop()

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from flwr_kd import protocol
+from flwr_kd import faults, protocol
 from flwr_kd.client import ClientData, KDClient
 from flwr_kd.data import DataSpec
 from flwr_kd.models import ModelSpec
@@ -36,6 +36,8 @@ INVOCATION_LEASE_SECONDS = 3600
 #: Reply records kept on Cloud Storage whatever their size (logits: the record of what a
 #: client said; weights: what aggregators read).
 ALWAYS_STORED = ("logits", "arrays")
+#: Where Google publishes the keys that sign its ID tokens.
+GOOGLE_CERTS_URL = "https://www.googleapis.com/oauth2/v1/certs"
 
 
 def data_fingerprint(config) -> str:
@@ -72,6 +74,10 @@ class FunctionEnv:
     client_id: str = ""
     data_prefix: str = ""
     max_body_bytes: int = MAX_BODY_BYTES
+    #: FLWR_KD_ONE_INSTANCE=1: at most one instance with concurrency 1 (Terraform deploys client
+    #: functions so), so a request that is being served while its call's record says
+    #: "running" knows that earlier attempt died with its instance, and takes it over.
+    one_instance: bool = False
 
     @classmethod
     def from_environ(cls, kind: str) -> FunctionEnv:
@@ -88,6 +94,7 @@ class FunctionEnv:
             client_id=os.environ.get("FLWR_KD_CLIENT_ID", ""),
             data_prefix=os.environ.get("FLWR_KD_DATA_PREFIX", ""),
             max_body_bytes=int(os.environ.get("FLWR_KD_MAX_BODY_BYTES", MAX_BODY_BYTES)),
+            one_instance=os.environ.get("FLWR_KD_ONE_INSTANCE") == "1",
         )
 
 
@@ -98,20 +105,27 @@ def _stores(bucket: str, database: str) -> tuple[GcsArrayStore, RoundStore]:
 
 def verify_caller(authorization: str | None, audiences: tuple[str, ...] = ()) -> None:
     """With FLWR_KD_VERIFY_TOKENS=1, accept only a valid Google ID token of FLWR_KD_INVOKER
-    (on top of Cloud Run's own IAM check) whose audience is this function's URL."""
+    (on top of Cloud Run's own IAM check) whose audience is this function's URL.
+
+    Signatures are checked against Google's public certificates, or those at
+    FLWR_KD_TOKEN_CERTS_URL (a local signer's, so the emulated stack can test this)."""
     if os.environ.get("FLWR_KD_VERIFY_TOKENS") != "1":
         return
     if not authorization or not authorization.startswith("Bearer "):
         raise HttpError(401, "missing 'Authorization: Bearer <Google ID token>' header")
+    import google.auth.exceptions
     import google.auth.transport.requests
     import google.oauth2.id_token
 
     try:
-        claims = google.oauth2.id_token.verify_oauth2_token(
-            authorization[len("Bearer "):], google.auth.transport.requests.Request()
+        claims = google.oauth2.id_token.verify_token(
+            authorization[len("Bearer "):], google.auth.transport.requests.Request(),
+            certs_url=os.environ.get("FLWR_KD_TOKEN_CERTS_URL") or GOOGLE_CERTS_URL,
         )
-    except ValueError as exc:
+    except (ValueError, google.auth.exceptions.GoogleAuthError) as exc:
         raise HttpError(401, f"invalid ID token: {exc}") from exc
+    if claims.get("iss") not in ("accounts.google.com", "https://accounts.google.com"):
+        raise HttpError(401, f"ID token issued by {claims.get('iss')!r}, not Google")
     if claims.get("aud") not in audiences:
         raise HttpError(401, f"ID token for audience {claims.get('aud')!r}, not this function")
     invoker = os.environ.get("FLWR_KD_INVOKER", "")
@@ -183,32 +197,46 @@ def handle_client(body: bytes, content_type: str | None, env: FunctionEnv | None
         raise HttpError(400, f"message for architecture '{config['arch']}', this client runs '{env.arch}'")
     call = f"{env.client_id}:{msg.metadata.message_type}"
     prior = rounds.begin_invocation(run, server_round, call, msg.metadata.message_id)
+    attempt = 1
     if prior is not None:
+        attempt = int(prior.get("attempts", 2))
         if prior.get("status") == DONE and prior.get("message_id") == msg.metadata.message_id:
             return 200, json.loads(prior["reply"])  # a retry: the same answer, computed once
-        started = prior.get("started")
-        abandoned = started is not None and (
-            datetime.datetime.now(datetime.timezone.utc) - started
-        ).total_seconds() > INVOCATION_LEASE_SECONDS
-        if prior.get("status") not in (FAILED, DONE) and not abandoned:
-            raise HttpError(409, f"call {call} of round {server_round} is in progress")
+        if prior.get("status") not in (FAILED, DONE):
+            started = prior.get("started")
+            expired = started is not None and (
+                datetime.datetime.now(datetime.timezone.utc) - started
+            ).total_seconds() > INVOCATION_LEASE_SECONDS
+            if not (expired or env.one_instance):
+                raise HttpError(409, f"call {call} of round {server_round} is in progress")
+            rounds.note_invocation(run, server_round, call, f"attempt {attempt}: took over an earlier attempt that never finished (its instance died)")
     if config is not None and "state-uri" in config:  # a client keeps state under its own prefix
         config["state-uri"] = f"gs://{env.bucket}/clients/{env.client_id}/state"
     context = Context(
         run_id=msg.metadata.run_id, node_id=node,
         node_config={"arch": env.arch, "client-id": env.client_id}, state=RecordDict(), run_config={},
     )
+    plan = faults.FaultPlan.from_config(config, serverless=True) if config is not None else faults.FaultPlan()
+    fault = plan.draw(server_round, env.client_id, msg.metadata.message_type, attempt)
+    if fault is not None:
+        inject_call_fault(fault, plan, rounds, (run, server_round, call), attempt)
     t1 = time.perf_counter()
     try:
+        if fault == "exception":
+            faults.fail(fault, 0.0)
         reply = CLIENT_APP(msg, context)
         status = DONE
     except Exception as exc:  # noqa: BLE001 - reported to the driver as Flower does
         reply = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
         status = FAILED
     compute = time.perf_counter() - t1
+    if fault in ("nan", "shape", "dtype"):
+        faults.corrupt_reply(reply, fault)
     reply.metadata.__dict__["_message_id"] = f"{msg.metadata.message_id}.reply"
     prefix = f"runs/{run}/rounds/{server_round}/clients/{env.client_id}/{msg.metadata.message_type.replace('.', '-')}"
     out, written = wire.encode(reply, run=run, server_round=server_round, store=store, prefix=prefix, always_store=ALWAYS_STORED)
+    if fault in ("tamper", "missing") and out["objects"]:
+        damage_object(store, min(out["objects"].values()), fault)
     total = time.perf_counter() - t0
     out["timing"] = {"compute": round(compute, 4), "total": round(total, 4)}
     rounds.end_invocation(
@@ -222,6 +250,31 @@ def handle_client(body: bytes, content_type: str | None, env: FunctionEnv | None
         },
     )
     return 200, out
+
+
+def inject_call_fault(fault: str, plan: faults.FaultPlan, rounds: RoundStore, call: tuple[str, int, str], attempt: int) -> None:
+    """Record an injected fault in the call's invocation document, then act out the ones that
+    end the call here: `kill` (the process dies, the document stays "running"), `5xx` (503)
+    and `timeout` (hangs, then 504 as Cloud Run answers a request past its time limit)."""
+    rounds.note_invocation(*call, f"attempt {attempt}: injected fault '{fault}'")
+    if fault == "kill":
+        os._exit(70)  # no clean-up, no reply: as an instance dies
+    if fault in ("5xx", "timeout"):
+        if fault == "timeout":
+            time.sleep(plan.hang_seconds)
+        status, reason = (503, "injected fault: HTTP 503") if fault == "5xx" else (504, f"injected fault: timeout after {plan.hang_seconds:g}s")
+        rounds.end_invocation(*call, {"status": FAILED, "error": reason})
+        raise HttpError(status, reason)
+
+
+def damage_object(store: GcsArrayStore, name: str, fault: str) -> None:
+    """Injected `tamper` (overwrite out of band: bytes no longer match their SHA-256) or
+    `missing` (delete) on a reply object, as a hostile or broken storage path would."""
+    blob = store.bucket.blob(name)
+    if fault == "missing":
+        blob.delete()
+    else:
+        blob.upload_from_string(b"tampered" + blob.download_as_bytes()[8:])
 
 
 # ---------------------------------------------------------------------------- aggregator

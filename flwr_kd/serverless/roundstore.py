@@ -99,5 +99,15 @@ class RoundStore:
             ref.update({"attempts": firestore.Increment(1)})
             return ref.get().to_dict()
 
+    def note_invocation(self, run: str, server_round: int, call: str, event: str) -> None:
+        """Append `event` to the call's `events` (created if the call never reached a function)."""
+        self.invocation_ref(run, server_round, call).set({"events": firestore.ArrayUnion([event])}, merge=True)
+
+    def record_verdict(self, run: str, server_round: int, call: str, reason: str) -> None:
+        """The driver's side: why it left this call's reply out of the round."""
+        self.invocation_ref(run, server_round, call).set(
+            {"dropped": reason, "events": firestore.ArrayUnion([f"driver: reply left out: {reason}"])}, merge=True
+        )
+
     def end_invocation(self, run: str, server_round: int, call: str, record: dict) -> None:
         self.invocation_ref(run, server_round, call).update({**record, "ended": firestore.SERVER_TIMESTAMP})

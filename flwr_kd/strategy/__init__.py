@@ -2,6 +2,6 @@
 
 from flwr_kd.strategy.feddf import FedDF
 from flwr_kd.strategy.fedmd import FedMD, FedMDError
-from flwr_kd.strategy.hetero import HeteroFedAvg
+from flwr_kd.strategy.hetero import HeteroFedAvg, TooFewReplies
 
-__all__ = ["FedDF", "FedMD", "FedMDError", "HeteroFedAvg"]
+__all__ = ["FedDF", "FedMD", "FedMDError", "HeteroFedAvg", "TooFewReplies"]

@@ -32,6 +32,7 @@ from flwr_kd.records import State, state_to_record, unpack_models
 from flwr_kd.strategy.hetero import (
     LOGITS_DTYPES,
     RoundStats,
+    TooFewReplies,
     logits_problem,
     payload_bytes,
     screen_replies,
@@ -39,7 +40,7 @@ from flwr_kd.strategy.hetero import (
 from flwr_kd.strategy.nodes import ArchitectureRegistry
 
 
-class FedMDError(RuntimeError):
+class FedMDError(TooFewReplies):
     """A FedMD round cannot go on (e.g. too few valid replies)."""
 
 
@@ -252,7 +253,8 @@ class FedMD(Strategy):
         if len(valid) < self.min_replies:
             raise FedMDError(
                 f"round {server_round}: {len(valid)} valid replies, fewer than min_replies={self.min_replies}; "
-                f"dropped: {stats.dropped}"
+                f"dropped: {stats.dropped}",
+                stats.dropped,
             )
         consensus = average_logits([logits for _, logits, _ in valid])
         accuracy: dict[str, float] = {}

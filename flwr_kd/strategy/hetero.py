@@ -26,6 +26,15 @@ from flwr_kd.records import State, pack_models, record_to_state, state_to_record
 from flwr_kd.strategy.nodes import ArchitectureRegistry, count_by_value
 
 
+class TooFewReplies(RuntimeError):
+    """A round got fewer valid replies than the strategy's `min_replies`: it cannot complete.
+    (The serverless driver records the round as failed; `--resume` runs it again.)"""
+
+    def __init__(self, message: str, dropped: list[dict] | None = None) -> None:
+        super().__init__(message)
+        self.dropped = dropped or []
+
+
 @dataclass
 class ClientReply:
     """A validated training reply."""
@@ -97,7 +106,7 @@ def screen_replies(server_round, replies, check, stats: RoundStats, template="ro
         if isinstance(parsed, str):
             node = msg.metadata.src_node_id
             log(WARNING, template, server_round, node, parsed)
-            stats.dropped.append({"node": node, "reason": parsed})
+            stats.dropped.append({"node": node, "type": msg.metadata.message_type, "reason": parsed})
         else:
             valid.append(parsed)
     stats.replies = len(valid)
@@ -111,6 +120,9 @@ def payload_bytes(content: RecordDict) -> int:
 class HeteroFedAvg(Strategy):
     """FedAvg per architecture group, for clients of several timm architectures.
 
+    A round goes on with the valid replies it got, as long as there are `min_replies` of them
+    (else `TooFewReplies`); an architecture group without a valid reply keeps its model.
+
     The global `ArrayRecord` holds every architecture's model, keyed `"<arch>/<param>"`
     (see `flwr_kd.records`), so `start()` keeps Flower's signature and `Result`.
     """
@@ -123,10 +135,14 @@ class HeteroFedAvg(Strategy):
         fraction_evaluate: float = 0.0,
         min_evaluate_nodes: int = 2,
         min_available_nodes: int = 2,
+        min_replies: int = 1,
         seed: int = 0,
     ) -> None:
         if not 0.0 < fraction_train <= 1.0:
             raise ValueError(f"fraction_train must lie in (0, 1], got {fraction_train}")
+        if min_replies < 1:
+            raise ValueError(f"min_replies must be at least 1, got {min_replies}")
+        self.min_replies = min_replies
         self.fraction_train = fraction_train
         self.min_train_nodes = min_train_nodes
         self.fraction_evaluate = fraction_evaluate
@@ -228,9 +244,12 @@ class HeteroFedAvg(Strategy):
         t0 = time.perf_counter()
         accepted: list[ClientReply] = screen_replies(server_round, replies, self.check_reply, stats)
         stats.client_compute = [r.compute_seconds for r in accepted]
-        if not accepted:
-            log(WARNING, "round %d: no valid replies; global models unchanged", server_round)
-            return None, None
+        if len(accepted) < self.min_replies:
+            raise TooFewReplies(
+                f"round {server_round}: {len(accepted)} valid replies, fewer than min_replies={self.min_replies}; "
+                f"dropped: {stats.dropped}",
+                stats.dropped,
+            )
         models = dict(self._global)
         for arch in models:
             group = [r for r in accepted if r.arch == arch]
