@@ -28,14 +28,14 @@ MODES = {
     "quick": dict(
         dataset="digits", clients=6, alphas=[0.1, 100.0], rounds=2, archs="resnet10t,mobilenetv3_small_050,test_vit",
         extra=["-c", "local-epochs=3", "-c", "distill-steps=60", "-c", "pretrain-epochs=10", "-c", "finetune-epochs=10"],
-        aggregation=dict(subset=440, steps=30, clients=6), emulate_rounds=1, emulate_clients=3,
+        aggregation=dict(subset=440, steps=30, clients=6), emulate_rounds=1, emulate_clients=3, soak_rounds=10,
     ),
     "full": dict(
         dataset="fashion-mnist", clients=10, alphas=[0.1, 0.5, 100.0], rounds=4, archs="resnet10t,mobilenetv3_small_050,test_vit",
         extra=["-c", "max-private=3000", "-c", "max-test=2000", "-c", "local-epochs=3", "-c", "distill-steps=80",
                "-c", "subset-size=1000", "-c", "pretrain-epochs=3", "-c", "finetune-epochs=5", "-c", "digest-epochs=2",
                "-c", "public-fraction=0.1"],
-        aggregation=dict(subset=3000, steps=60, clients=10), emulate_rounds=2, emulate_clients=4,
+        aggregation=dict(subset=3000, steps=60, clients=10), emulate_rounds=2, emulate_clients=4, soak_rounds=50,
     ),
 }
 
@@ -359,10 +359,63 @@ def serverless_section(mode: dict, out: Path) -> dict:
     return results
 
 
+def soak_section(mode: dict, out: Path) -> dict:
+    """Many tiny FedDF rounds on the emulated stack with 30% of client calls failing (every
+    failure kind); afterwards the run's records must be complete (`flwr-kd cloud audit`) and
+    the final models must load and evaluate."""
+    from flwr_kd.cli import _parser, config_from_args
+    from flwr_kd.data import load_federated
+    from flwr_kd.records import state_to_record
+    from flwr_kd.report import ServerTestScore
+    from flwr_kd.serverless.arraystore import GcsArrayStore
+    from flwr_kd.serverless.audit import audit_run
+    from flwr_kd.serverless.emulators import FirestoreEmulator, StorageEmulator
+    from flwr_kd.serverless.roundstore import RoundStore
+
+    rounds, run = mode["soak_rounds"], f"soak-{int(time.time())}"
+    args = ["cloud", "emulate", "--strategy", "feddf", "--dataset", "digits", "--clients", "6", "--rounds", str(rounds),
+            "--fail-rate", "0.3", "--local-epochs", "1", "--distill-steps", "5", "--no-baseline", "--min-replies", "1",
+            "-c", "max-private=120", "-c", "subset-size=100", "-c", "fail-hang-seconds=2", "--run-id", run]
+    logs = out / "runs" / "soak-emulators"
+    logs.mkdir(parents=True, exist_ok=True)
+    storage, firestore = StorageEmulator(logs), FirestoreEmulator("demo-flwr-kd", logs)
+    saved = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", "FIRESTORE_EMULATOR_HOST", "GOOGLE_CLOUD_PROJECT")}
+    os.environ.update(STORAGE_EMULATOR_HOST=storage.url, FIRESTORE_EMULATOR_HOST=firestore.host, GOOGLE_CLOUD_PROJECT="demo-flwr-kd")
+    try:
+        t0 = time.perf_counter()
+        result, _ = flwr_kd(args, out / "runs" / "soak")
+        seconds = time.perf_counter() - t0
+        problems = audit_run(run, RoundStore(), GcsArrayStore("flwr-kd-arrays"))
+        cfg = config_from_args(_parser().parse_args(args))
+        data = load_federated(cfg.data_spec)
+        final = GcsArrayStore("flwr-kd-arrays").get(f"runs/{run}/rounds/{rounds}/global.npz")
+        reevaluated = ServerTestScore(cfg.arch_list, data.model_spec, data.test_x, data.test_y)(rounds, state_to_record(final))
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+        storage.stop()
+        firestore.stop()
+    rel = result["serverless"]["reliability"]
+    results = {
+        "command": "flwr-kd " + " ".join(args),
+        "rounds": rounds,
+        "rounds_done": len(result["rounds"]),
+        "seconds": round(seconds, 1),
+        "reliability": rel,
+        "replies_per_round": [row["replies"] for row in result["rounds"]],
+        "left_out": [{"round": row["round"], **d} for row in result["rounds"] for d in row["dropped"]],
+        "audit_problems": problems,
+        "final_accuracy_reported": result["rounds"][-1]["accuracy"],
+        "final_accuracy_reloaded": reevaluated,
+    }
+    save(out, "soak", results)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=sorted(MODES), default="quick")
-    parser.add_argument("--sections", default="accuracy,aggregation,pretrain,communication,serverless")
+    parser.add_argument("--sections", default="accuracy,aggregation,pretrain,communication,serverless,soak")
     args = parser.parse_args()
     mode = MODES[args.mode]
     out = ROOT / "benchmarks" / "results" / args.mode
@@ -389,6 +442,11 @@ def main() -> None:
         summary["pretrain_speedup"] = pretrain_section(mode, out)["pretrain_speedup"]
     if "serverless" in sections:
         serverless_section(mode, out)
+    if "soak" in sections:
+        soak = soak_section(mode, out)
+        summary["soak_rounds_done"] = f"{soak['rounds_done']}/{soak['rounds']}"
+        summary["soak_faults_injected"] = soak["reliability"]["injected_total"]
+        summary["soak_audit_problems"] = len(soak["audit_problems"])
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     save(out, "summary", summary)
     if args.mode == "full":

@@ -37,6 +37,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--name-prefix", default="flwr-kd", help="with --project: terraform's name_prefix")
     run.add_argument("--no-auth", action="store_true", help="send no ID token (for local URLs)")
     run.add_argument("--skip-active-check", action="store_true", help="do not ask the Cloud Functions API whether every function is ACTIVE")
+    audit = cloud.add_parser("audit", help="check that a run's records are complete (rounds, calls, verdicts, models)")
+    audit.add_argument("run_id", metavar="RUN")
+    audit.add_argument("--outputs", help="file with `terraform output -json` (default: the emulators named by STORAGE_EMULATOR_HOST and FIRESTORE_EMULATOR_HOST)")
+    audit.add_argument("--bucket", default="flwr-kd-arrays", help="arrays bucket, without --outputs")
+    audit.add_argument("--database", default="(default)", help="Firestore database, without --outputs")
     return parser
 
 
@@ -113,6 +118,8 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "cloud" and args.cloud_command == "audit":
+        return _audit(args)
     try:
         cfg = config_from_args(args)
     except (ConfigError, DataError, UnknownArchitectureError) as exc:
@@ -176,6 +183,30 @@ def _cloud(args: argparse.Namespace, cfg: ExperimentConfig) -> int:
 
     drive(cfg, deployment, run_id or f"run-{uuid.uuid4().hex[:8]}", resume=bool(args.resume), options=options)
     return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    import json
+
+    from flwr_kd.serverless.arraystore import GcsArrayStore
+    from flwr_kd.serverless.audit import audit_run
+    from flwr_kd.serverless.driver import Deployment
+    from flwr_kd.serverless.roundstore import RoundStore
+
+    bucket, database = args.bucket, args.database
+    try:
+        if args.outputs:
+            with open(args.outputs) as f:
+                deployment = Deployment.from_terraform_outputs(json.load(f))
+            bucket, database = deployment.bucket, deployment.firestore_database
+        problems = audit_run(args.run_id, RoundStore(database=database), GcsArrayStore(bucket))
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"flwr-kd: error: {exc.args[0] if isinstance(exc, KeyError) else exc}", file=sys.stderr)
+        return 2
+    for problem in problems:
+        print(f"  {problem}")
+    print(f"run {args.run_id}: " + (f"{len(problems)} problem(s)" if problems else "records complete"))
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

@@ -479,11 +479,11 @@ def expected_invocations(strategy: str, num_rounds: int) -> dict[int, set[str]]:
     expected = {0: {f"{c}:query.architecture" for c in CLIENT_IDS}}
     for r in range(1, num_rounds + 1):
         if strategy == "feddf":
-            expected[r] = {f"{c}:train" for c in CLIENT_IDS} | {f"aggregator:{a}:distill" for a in ARCHS}
+            expected[r] = {f"{c}:train" for c in CLIENT_IDS} | {f"aggregator:{a}:task-distill-{i}" for i, a in enumerate(ARCHS)}
         else:
             expected[r] = {f"{c}:train.fedmd" for c in CLIENT_IDS}
     if strategy == "fedmd":  # transfer learning on the aggregators, then the init phase
-        expected[0] |= {f"{c}:train.fedmd" for c in CLIENT_IDS} | {f"aggregator:{a}:train" for a in ARCHS}
+        expected[0] |= {f"{c}:train.fedmd" for c in CLIENT_IDS} | {f"aggregator:{a}:task-train-{i}" for i, a in enumerate(ARCHS)}
     return expected
 
 
@@ -628,7 +628,11 @@ def driver_argv(dep, tmp_path, *flags: str) -> list[str]:
     return ["cloud", "run", "--outputs", str(outputs), "--no-auth", "--skip-active-check", *flags]  # no Functions API locally
 
 
-def test_resume_after_the_driver_is_killed(live_deployment, tmp_path):
+@pytest.mark.parametrize("kill_at", ["between-rounds", "aggregation"])
+def test_resume_after_the_driver_is_killed(live_deployment, tmp_path, kill_at):
+    """Killed after round 1 is done, or while round 2's distillation runs on the aggregators:
+    `--resume` continues at round 2, repeats no done round, and round 2's client calls are
+    answered from their records, not computed again."""
     run = unique("resume")
     flags = experiment_flags("feddf", 3)
     log = tmp_path / "driver.log"
@@ -642,7 +646,11 @@ def test_resume_after_the_driver_is_killed(live_deployment, tmp_path):
     with open(log, "wb") as out:
         driver = subprocess.Popen(argv, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_for(lambda: last_done() >= 1, 240, f"round 1 of {run} (driver log: {log})", alive=lambda: driver.poll() is None)
+        if kill_at == "between-rounds":
+            killed_when = lambda: last_done() >= 1  # noqa: E731
+        else:
+            killed_when = lambda: any(d["id"].startswith("aggregator:") for d in rounds.invocations(run, 2))  # noqa: E731
+        wait_for(killed_when, 240, f"{kill_at} of {run} (driver log: {log})", alive=lambda: driver.poll() is None, interval=0.2)
     finally:
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
@@ -661,6 +669,9 @@ def test_resume_after_the_driver_is_killed(live_deployment, tmp_path):
     assert all(doc["attempts"] == 1 for doc in docs[1].values()), docs[1]  # round 1 was not repeated
     # the resumed driver asked the architectures again and was answered from the records
     assert all(doc["attempts"] == 2 for doc in docs[0].values()), docs[0]
+    if kill_at == "aggregation":  # round 2's clients had replied: the same replies, computed once
+        assert all(docs[2][f"{c}:train"]["attempts"] == 2 for c in CLIENT_IDS), docs[2]
+        assert all(not docs[2][f"{c}:train"].get("events") for c in CLIENT_IDS), docs[2]
     assert GcsArrayStore(DEPLOY_BUCKET).exists(f"runs/{run}/rounds/3/global.npz")
 
 
@@ -726,7 +737,7 @@ def test_client_function_killed_mid_round_is_dropped(live_deployment, tmp_path):
     assert rounds.get_run(run)["status"] == DONE
     docs = invocation_docs(run, 2)
     assert set(docs[1]) == expected_invocations("feddf", 2)[1]
-    survivors = {f"{c}:train" for c in CLIENT_IDS if c != victim} | {f"aggregator:{a}:distill" for a in ARCHS}
+    survivors = {f"{c}:train" for c in CLIENT_IDS if c != victim} | {f"aggregator:{a}:task-distill-{i}" for i, a in enumerate(ARCHS)}
     assert survivors <= set(docs[2])
     assert all(docs[2][call]["status"] == DONE for call in survivors)
     assert docs[2].get(f"{victim}:train", {}).get("status") != DONE  # never finished

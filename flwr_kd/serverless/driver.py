@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +31,7 @@ from flwr_kd.serverless import taskcodec
 from flwr_kd.serverless.arraystore import AlreadyExists, GcsArrayStore
 from flwr_kd.serverless.functions import data_fingerprint, private_object, public_objects
 from flwr_kd.serverless.grid import ClientEndpoint, CloudFunctionGrid, GridOptions, round_of
-from flwr_kd.serverless.roundstore import RoundStore
+from flwr_kd.serverless.roundstore import FAILED, RoundStore
 from flwr_kd.strategy import TooFewReplies
 
 
@@ -156,6 +157,30 @@ def overhead_summary(grid: CloudFunctionGrid) -> dict:
     }
 
 
+#: How a function records a fault it injected (`functions.inject_call_fault`).
+INJECTED_EVENT = re.compile(r"^attempt \d+: injected fault '([a-z0-9]+)'")
+
+
+def reliability_summary(rounds: RoundStore, run_id: str, num_rounds: int) -> dict:
+    """What the run's invocation documents say: faults injected (by kind), attempts, retried
+    and taken-over calls, calls that ended failed, and replies left out, per round."""
+    injected: dict[str, int] = {}
+    summary = {"calls": 0, "attempts": 0, "retried_calls": 0, "taken_over": 0, "failed_calls": 0, "left_out": 0}
+    for server_round in range(num_rounds + 1):
+        for doc in rounds.invocations(run_id, server_round):
+            summary["calls"] += 1
+            summary["attempts"] += int(doc.get("attempts", 0))
+            summary["retried_calls"] += int(doc.get("attempts", 0)) > 1
+            summary["failed_calls"] += doc.get("status") == FAILED
+            summary["left_out"] += "dropped" in doc
+            for event in doc.get("events", []):
+                fault = INJECTED_EVENT.search(event)
+                if fault:
+                    injected[fault[1]] = injected.get(fault[1], 0) + 1
+                summary["taken_over"] += "took over" in event
+    return {**summary, "injected": dict(sorted(injected.items())), "injected_total": sum(injected.values())}
+
+
 def record_verdicts(rounds: RoundStore, grid: CloudFunctionGrid, run_id: str, server_round: int, dropped: list[dict]) -> None:
     """Write why each left-out reply was left out into its call's invocation document (the
     function cannot know: a reply it sent may be late, invalid or lost on the way)."""
@@ -221,7 +246,15 @@ def drive(cfg: ExperimentConfig, deployment: Deployment, run_id: str, *, resume:
         "invocations": overhead_summary(grid),
         "aggregator_calls": fanout.calls,
         "resumed_after_round": hooks.rounds_done,
+        "reliability": reliability_summary(rounds, run_id, cfg.num_server_rounds),
     }
+    rel = result["serverless"]["reliability"]
+    kinds = ", ".join(f"{k} {n}" for k, n in rel["injected"].items())
+    print(
+        f"\ncalls {rel['calls']}, attempts {rel['attempts']}: {rel['retried_calls']} retried, {rel['taken_over']} taken over "
+        f"after a crash, {rel['failed_calls']} failed; replies left out {rel['left_out']}"
+        + (f"; faults injected {rel['injected_total']} ({kinds})" if rel["injected_total"] else "")
+    )
     rounds.finish_run(run_id, result={"final_accuracy": result["rounds"][-1]["accuracy"] if result["rounds"] else {}})
     if cfg.out_dir:
         path = write_result(cfg.out_dir, result)

@@ -13,6 +13,7 @@ import os
 import sys
 import tempfile
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -85,10 +86,16 @@ class EmulatedStack:
             procs.append(("client", cid, arch, env))
         for arch in self.cfg.arch_list:
             procs.append(("aggregator", f"aggregator-{arch}", arch, {**base_env, "FLWR_KD_ARCH": arch}))
-        for target, name, arch, env in procs:
-            fn = FunctionProcess(CLOUD_SOURCE, target, env, name, self.log_dir, supervise=True)
-            self._stack.callback(fn.stop)
-            (self.clients if target == "client" else self.aggregators)[name if target == "client" else arch] = fn
+        with ThreadPoolExecutor(max_workers=len(procs)) as pool:  # each start mostly imports torch
+            futures = [pool.submit(FunctionProcess, CLOUD_SOURCE, target, env, name, self.log_dir, True) for target, name, _, env in procs]
+        for (target, name, arch, _), future in zip(procs, futures):
+            if future.exception() is None:
+                fn = future.result()
+                self._stack.callback(fn.stop)
+                (self.clients if target == "client" else self.aggregators)[name if target == "client" else arch] = fn
+        failed = [f.exception() for f in futures if f.exception() is not None]
+        if failed:
+            raise failed[0]
         self.started.append(f"{len(self.clients)} client and {len(self.aggregators)} aggregator functions")
 
     def deployment(self):

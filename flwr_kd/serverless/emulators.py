@@ -140,7 +140,11 @@ class FunctionProcess:
     def start(self) -> None:
         self._stopping.clear()
         self.proc = self._spawn()
-        _wait_http(f"{self.url}/", self.proc.process, 120, f"function {self.name}", ok=(200, 400, 401, 403, 405, 415))
+        try:
+            _wait_http(f"{self.url}/", self.proc.process, 120, f"function {self.name}", ok=(200, 400, 401, 403, 405, 415))
+        except BaseException:
+            self.proc.stop()
+            raise
 
     def _supervise(self) -> None:
         while not self._stopping.wait(0.2):

@@ -103,27 +103,54 @@ def _stores(bucket: str, database: str) -> tuple[GcsArrayStore, RoundStore]:
     return GcsArrayStore(bucket), RoundStore(database=database)
 
 
+#: Seconds the signing certificates are kept before they are fetched again (Google rotates its
+#: keys over days; its certificates endpoint says max-age of a few hours).
+CERTS_TTL_SECONDS = 300
+_certs_cache: dict[str, tuple[float, dict]] = {}
+
+
+def signing_certs(url: str) -> dict:
+    """{key id: PEM certificate} from `url`, cached for CERTS_TTL_SECONDS; 503 when unreachable
+    (a retry may find it back; the caller's token is not at fault)."""
+    cached = _certs_cache.get(url)
+    if cached and time.monotonic() - cached[0] < CERTS_TTL_SECONDS:
+        return cached[1]
+    import requests
+
+    try:
+        resp = requests.get(url, timeout=10)
+        resp.raise_for_status()
+        certs = resp.json()
+    except (requests.RequestException, ValueError) as exc:
+        raise HttpError(503, f"cannot fetch the ID-token signing certificates: {type(exc).__name__}") from exc
+    _certs_cache[url] = (time.monotonic(), certs)
+    return certs
+
+
 def verify_caller(authorization: str | None, audiences: tuple[str, ...] = ()) -> None:
     """With FLWR_KD_VERIFY_TOKENS=1, accept only a valid Google ID token of FLWR_KD_INVOKER
     (on top of Cloud Run's own IAM check) whose audience is this function's URL.
 
     Signatures are checked against Google's public certificates, or those at
-    FLWR_KD_TOKEN_CERTS_URL (a local signer's, so the emulated stack can test this)."""
+    FLWR_KD_TOKEN_CERTS_URL (a local signer's, so the emulated stack can test this). Errors
+    never repeat the token (it is a credential until it expires)."""
     if os.environ.get("FLWR_KD_VERIFY_TOKENS") != "1":
         return
     if not authorization or not authorization.startswith("Bearer "):
         raise HttpError(401, "missing 'Authorization: Bearer <Google ID token>' header")
     import google.auth.exceptions
-    import google.auth.transport.requests
-    import google.oauth2.id_token
+    import google.auth.jwt
 
+    token = authorization[len("Bearer "):].strip()
+    certs = signing_certs(os.environ.get("FLWR_KD_TOKEN_CERTS_URL") or GOOGLE_CERTS_URL)
     try:
-        claims = google.oauth2.id_token.verify_token(
-            authorization[len("Bearer "):], google.auth.transport.requests.Request(),
-            certs_url=os.environ.get("FLWR_KD_TOKEN_CERTS_URL") or GOOGLE_CERTS_URL,
-        )
+        claims = google.auth.jwt.decode(token, certs=certs)
     except (ValueError, google.auth.exceptions.GoogleAuthError) as exc:
-        raise HttpError(401, f"invalid ID token: {exc}") from exc
+        reason = str(exc)
+        for part in [token, *token.split(".")]:
+            if part:
+                reason = reason.replace(part, "<redacted>")
+        raise HttpError(401, f"invalid ID token: {reason[:200]}") from exc
     if claims.get("iss") not in ("accounts.google.com", "https://accounts.google.com"):
         raise HttpError(401, f"ID token issued by {claims.get('iss')!r}, not Google")
     if claims.get("aud") not in audiences:
@@ -131,6 +158,14 @@ def verify_caller(authorization: str | None, audiences: tuple[str, ...] = ()) ->
     invoker = os.environ.get("FLWR_KD_INVOKER", "")
     if not invoker or claims.get("email") != invoker or not claims.get("email_verified", False):
         raise HttpError(403, "caller is not the driver's service account")
+
+
+def function_audiences(base_url: str, url_root: str) -> tuple[str, ...]:
+    """The URLs a token for this function may name. Cloud Run ends TLS in front of the
+    container, which therefore sees `http://`; the driver asks for `https://` tokens. (Cloud
+    Run routes by host name, so the Host header is this function's own.)"""
+    urls = {u.rstrip("/") for u in (base_url, url_root)}
+    return tuple(sorted(urls | {"https://" + u.split("://", 1)[1] for u in urls if u.startswith("http://")}))
 
 
 def parse_request(body: bytes, content_type: str | None, env: FunctionEnv) -> dict:
@@ -305,7 +340,7 @@ def handle_aggregator(body: bytes, content_type: str | None, env: FunctionEnv | 
         task = taskcodec.decode_task(store.get(request["task"]), params)
     except (ArrayStoreError, ValueError) as exc:
         raise HttpError(400, str(exc)) from exc
-    call = f"aggregator:{env.arch}:{params['kind']}"
+    call = f"aggregator:{env.arch}:{request['task'].rsplit('/', 1)[-1].removesuffix('.npz')}"  # one per task
     result_name = prefix + ("student.npz" if params["kind"] == "distill" else "pretrained.npz")
     rounds.begin_invocation(run, server_round, call, request["task"])
     t1 = time.perf_counter()
@@ -328,8 +363,7 @@ def as_response(handler, request) -> tuple[str, int, dict]:
     """(JSON text, status, headers) for a functions-framework (Flask) request; errors become
     `{"error": ...}` with a 4xx status."""
     try:
-        audiences = (request.base_url.rstrip("/"), request.url_root.rstrip("/"))
-        verify_caller(request.headers.get("Authorization"), audiences)
+        verify_caller(request.headers.get("Authorization"), function_audiences(request.base_url, request.url_root))
         body, content_type = request.get_data(cache=False), request.content_type
         status, payload = handler(body, content_type)
     except HttpError as exc:

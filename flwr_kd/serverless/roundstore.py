@@ -110,4 +110,6 @@ class RoundStore:
         )
 
     def end_invocation(self, run: str, server_round: int, call: str, record: dict) -> None:
-        self.invocation_ref(run, server_round, call).update({**record, "ended": firestore.SERVER_TIMESTAMP})
+        """The call's outcome; a success clears an earlier attempt's error (kept in `events`)."""
+        cleared = {} if "error" in record else {"error": firestore.DELETE_FIELD}
+        self.invocation_ref(run, server_round, call).update({**cleared, **record, "ended": firestore.SERVER_TIMESTAMP})
