@@ -173,6 +173,19 @@ def write(mode: str) -> Path:
             f"- cold start (new function process until it answers): {sls.get('cold_start_seconds')} s; "
             f"warm request (median of 20): {sls.get('warm_request_seconds_median')} s."
         )
+    soak = load(out, "soak")
+    if soak:
+        rel = soak["reliability"]
+        lines += [
+            "", "## Soak: faults injected and survived (emulated serverless)", "",
+            f"`{soak['command']}`: {soak['rounds_done']} of {soak['rounds']} rounds done in {soak['seconds']} s. "
+            f"Faults injected into {rel['injected_total']} of {rel['attempts']} call attempts ({rel['injected']}); "
+            f"{rel['retried_calls']} calls retried, {rel['taken_over']} taken over after their process died, "
+            f"{rel['left_out']} replies left out (valid replies per round: min {min(soak['replies_per_round'])}, "
+            f"mean {sum(soak['replies_per_round']) / len(soak['replies_per_round']):.2f} of 6). "
+            f"`flwr-kd cloud audit`: {len(soak['audit_problems'])} problems. Final models reloaded from Cloud Storage "
+            f"score {soak['final_accuracy_reloaded']} (reported {soak['final_accuracy_reported']}).",
+        ]
     if acc.get("memory"):
         mem = acc["memory"]
         lines += ["", "## Memory", "", f"Peak resident memory of the whole FedDF simulation (all processes): {mem['peak_total_mib']} MiB.", ""]

@@ -332,11 +332,12 @@ def deployed_data_config() -> dict:
 
 
 def envelope(run: str, *, to: str = "client-0", arch: str | None = None, server_round: int = 0,
-             message_type: str = protocol.DESCRIBE, objects: dict | None = None, message_id: str | None = None) -> bytes:
+             message_type: str = protocol.DESCRIBE, objects: dict | None = None, message_id: str | None = None,
+             records: dict | None = None) -> bytes:
     """A client message as the driver sends it (Flower proto in the JSON envelope), for the data
-    split the `deployment` fixture uploaded."""
+    split the `deployment` fixture uploaded; `records` are added to its content (inline)."""
     config = {**deployed_data_config(), "server-round": server_round, **({"arch": arch} if arch else {})}
-    msg = make_message({protocol.CONFIG: ConfigRecord(config)}, dst=node_id_for(to), message_type=message_type,
+    msg = make_message({protocol.CONFIG: ConfigRecord(config), **(records or {})}, dst=node_id_for(to), message_type=message_type,
                        message_id=message_id or f"{run}.r{server_round}.{to}.{message_type}")
     body, _ = wire.encode(msg, run=run, server_round=server_round, store=None, prefix="unused")
     return wire.to_json({**body, "objects": objects or {}})
@@ -379,6 +380,12 @@ def boundary_case(case: str, run: str) -> tuple[bytes, str | None, int, list[str
         return envelope(run, to="client-1"), js, 400, [f"addressed to node {node_id_for('client-1')}", "'client-0'"]
     if case == "wrong-architecture":
         return envelope(run, arch="test_vit"), js, 400, ["architecture 'test_vit'", "runs 'resnet10t'"]
+    if case == "wrong-shaped-weights":  # a train message whose weights are not resnet10t's
+        weights = ArrayRecord({"conv1.weight": Array(np.zeros((2, 2), np.float32))})
+        return envelope(run, arch="resnet10t", message_type=protocol.TRAIN, records={protocol.ARRAYS: weights}), js, 400, ["weights do not fit 'resnet10t'"]
+    if case == "wrong-shaped-public":  # public inputs of another image size
+        public = ArrayRecord({"x": Array(np.zeros((4, 1, 28, 28), np.float32))})
+        return envelope(run, arch="resnet10t", message_type=protocol.TRAIN, records={protocol.PUBLIC: public}), js, 400, ["public inputs must have shape (n, 1, 16, 16)", "(4, 1, 28, 28)"]
     own = f"runs/{run}/rounds/0/messages/client-0/"
     if case == "object-outside-messages":  # e.g. another client's private data
         return envelope(run, objects={"arrays": "clients/client-1/data/private.npz"}), js, 403, [f"must lie under {own}"]
@@ -400,7 +407,7 @@ BOUNDARY_CASES = [
     "malformed-json", "empty-body", "not-json-content-type", "no-content-type", "oversized", "not-an-object",
     "bad-version", "missing-round", "bad-message", "unknown-run", "other-node", "wrong-architecture",
     "object-outside-messages", "object-of-another-client", "object-of-another-round", "object-not-a-string",
-    "missing-object",
+    "missing-object", "wrong-shaped-weights", "wrong-shaped-public",
 ]
 
 

@@ -23,7 +23,7 @@ from flwr.clientapp import ClientApp
 from flwr_kd import faults, protocol
 from flwr_kd.client import ClientData, KDClient
 from flwr_kd.data import DataSpec
-from flwr_kd.models import ModelSpec
+from flwr_kd.models import ModelSpec, create_model, state_to_numpy
 from flwr_kd.serverless import taskcodec, wire
 from flwr_kd.serverless.arraystore import AlreadyExists, ArrayStoreError, GcsArrayStore
 from flwr_kd.serverless.roundstore import DONE, FAILED, RoundStore
@@ -198,6 +198,36 @@ def _client_data(bucket: str, data_prefix: str, fingerprint: str) -> ClientData:
     )
 
 
+@functools.lru_cache(maxsize=4)
+def _model_shapes(arch: str, spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in state_to_numpy(create_model(arch, spec)).items()}
+
+
+def payload_problem(msg: Message, env: FunctionEnv, config: ConfigRecord) -> str | None:
+    """Why the arrays a message carries cannot be this client's model or public inputs (a 400
+    before anything runs or is written), or None."""
+    if not msg.has_content() or not (protocol.ARRAYS in msg.content or protocol.PUBLIC in msg.content):
+        return None
+    try:
+        spec = _client_data(env.bucket, env.data_prefix, data_fingerprint(config)).model_spec
+    except ArrayStoreError:
+        return None  # no data for this split: the handler answers with an error reply, as before
+    if protocol.ARRAYS in msg.content:
+        expected = _model_shapes(env.arch, spec)
+        got = {k: tuple(v.shape) for k, v in msg.content[protocol.ARRAYS].items()}
+        if got.keys() != expected.keys():
+            return f"weights do not fit '{env.arch}': {len(got)} arrays, expected {len(expected)}"
+        wrong = next((k for k in expected if got[k] != expected[k]), None)
+        if wrong:
+            return f"weights do not fit '{env.arch}': '{wrong}' has shape {got[wrong]}, expected {expected[wrong]}"
+    if protocol.PUBLIC in msg.content and "x" in msg.content[protocol.PUBLIC]:  # FedDF's inputs (FedMD's: indices)
+        shape = tuple(msg.content[protocol.PUBLIC]["x"].shape)
+        want = (spec.in_chans, spec.img_size, spec.img_size)
+        if len(shape) != 4 or shape[1:] != want:
+            return f"public inputs must have shape (n, {', '.join(map(str, want))}), got {shape}"
+    return None
+
+
 def load_function_data(context: Context, config: ConfigRecord) -> ClientData:
     """`KDClient.load_data` inside the client function: its own prefix, nothing else."""
     env = FunctionEnv.from_environ("client")
@@ -230,6 +260,9 @@ def handle_client(body: bytes, content_type: str | None, env: FunctionEnv | None
     config = msg.content.get(protocol.CONFIG) if msg.has_content() else None
     if config is not None and "arch" in config and str(config["arch"]) != env.arch:
         raise HttpError(400, f"message for architecture '{config['arch']}', this client runs '{env.arch}'")
+    problem = payload_problem(msg, env, config) if config is not None else None
+    if problem:
+        raise HttpError(400, problem)
     call = f"{env.client_id}:{msg.metadata.message_type}"
     prior = rounds.begin_invocation(run, server_round, call, msg.metadata.message_id)
     attempt = 1
