@@ -27,7 +27,8 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message
+from flwr.app import Array, ArrayRecord, Error, Message
+from flwr.common.constant import ErrorCode
 
 from flwr_kd import protocol
 
@@ -127,7 +128,10 @@ def fault_injection_mod(message: Message, context, call_next) -> Message:
     if kind in SERVERLESS_ONLY:
         raise ValueError(f"fault kind '{kind}' needs the serverless runtime")
     if kind in ("exception", "timeout"):
-        fail(kind, plan.hang_seconds)
+        try:
+            fail(kind, plan.hang_seconds)
+        except InjectedFault as exc:  # the error reply Flower sends for a raising ClientApp, minus its log noise
+            return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"InjectedFault: {exc}"), reply_to=message)
     reply = call_next(message, context)
     corrupt_reply(reply, kind)
     return reply
