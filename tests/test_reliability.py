@@ -27,10 +27,20 @@ from flwr_kd import protocol
 from flwr_kd.cli import _parser, config_from_args, main
 from flwr_kd.client import KDClient
 from flwr_kd.data import DataSpec, load_federated
+from flwr_kd.distill import DistillConfig
 from flwr_kd.experiment import ConfigError, ExperimentConfig
-from flwr_kd.faults import FAILURES, INVALID_REPLIES, KINDS, FaultPlan, fault_injection_mod, parse_kinds
+from flwr_kd.fanout import SerialFanOut
+from flwr_kd.faults import (
+    FAILURES,
+    INVALID_REPLIES,
+    KINDS,
+    FaultPlan,
+    fault_injection_mod,
+    parse_kinds,
+)
 from flwr_kd.records import state_to_record
 from flwr_kd.report import ServerTestScore
+from flwr_kd.server_app import initial_arrays
 from flwr_kd.serverless.arraystore import GcsArrayStore
 from flwr_kd.serverless.audit import audit_run
 from flwr_kd.serverless.functions import node_id_for
@@ -134,13 +144,8 @@ def test_the_fault_mod_makes_clients_fail_and_lie_and_the_strategy_leaves_them_o
     grid = InProcessGrid(KDClient().register(ClientApp(mods=[fault_injection_mod])), n)
     strategy = FedDF(
         public_x=data.public_x[:100], val_x=data.val_x, val_y=data.val_y, model_spec=data.model_spec,
-        min_available_nodes=n, seed=0, fanout=None,
+        distill_config=DistillConfig(steps=2), fanout=SerialFanOut(), min_available_nodes=n, seed=0,
     )
-    from flwr_kd.fanout import SerialFanOut
-    from flwr_kd.server_app import initial_arrays
-
-    strategy.fanout, strategy._owns_fanout = SerialFanOut(), False
-    strategy.distill_config = type(strategy.distill_config)(steps=2)
     config = ConfigRecord({**spec.to_config(), "archs": "resnet10t,test_vit", "local-epochs": 1, "fail-rate": 0.5, "fail-kinds": ",".join(kinds)})
     strategy.start(grid=grid, initial_arrays=initial_arrays(["resnet10t", "test_vit"], data.model_spec, 0), num_rounds=1, train_config=config)
     dropped = {d["node"]: d["reason"] for d in strategy.stats[1].dropped}
@@ -157,7 +162,7 @@ def test_the_fault_mod_makes_clients_fail_and_lie_and_the_strategy_leaves_them_o
 class _SlowFunction(http.server.BaseHTTPRequestHandler):
     """Stands in for a client function that never answers in time."""
 
-    def do_POST(self):  # noqa: N802 - http.server's name
+    def do_POST(self):
         self.rfile.read(int(self.headers["Content-Length"]))
         time.sleep(5)
         self.send_response(500)

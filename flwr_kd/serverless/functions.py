@@ -278,6 +278,7 @@ def handle_client(body: bytes, content_type: str | None, env: FunctionEnv | None
             if not (expired or env.one_instance):
                 raise HttpError(409, f"call {call} of round {server_round} is in progress")
             rounds.note_invocation(run, server_round, call, f"attempt {attempt}: took over an earlier attempt that never finished (its instance died)")
+        rounds.restart_invocation(run, server_round, call)
     if config is not None and "state-uri" in config:  # a client keeps state under its own prefix
         config["state-uri"] = f"gs://{env.bucket}/clients/{env.client_id}/state"
     context = Context(

@@ -99,14 +99,28 @@ class RoundStore:
             ref.update({"attempts": firestore.Increment(1)})
             return ref.get().to_dict()
 
+    def restart_invocation(self, run: str, server_round: int, call: str) -> None:
+        """A retry that goes ahead: the call is `running` again, from now (its lease too)."""
+        self.invocation_ref(run, server_round, call).update({"status": RUNNING, "started": firestore.SERVER_TIMESTAMP})
+
     def note_invocation(self, run: str, server_round: int, call: str, event: str) -> None:
         """Append `event` to the call's `events` (created if the call never reached a function)."""
         self.invocation_ref(run, server_round, call).set({"events": firestore.ArrayUnion([event])}, merge=True)
 
     def record_verdict(self, run: str, server_round: int, call: str, reason: str) -> None:
-        """The driver's side: why it left this call's reply out of the round."""
-        self.invocation_ref(run, server_round, call).set(
-            {"dropped": reason, "events": firestore.ArrayUnion([f"driver: reply left out: {reason}"])}, merge=True
+        """The driver's side: why it left this call's reply out of the round. A call still
+        `running` then (its process died, or it straggles past the deadline) is marked failed;
+        a straggler that finishes later records its own outcome over it."""
+        ref = self.invocation_ref(run, server_round, call)
+        snap = ref.get()
+        still_running = snap.exists and snap.to_dict().get("status") == RUNNING
+        ref.set(
+            {
+                "dropped": reason,
+                "events": firestore.ArrayUnion([f"driver: reply left out: {reason}"]),
+                **({"status": FAILED, "error": f"the driver gave up on this call: {reason}"} if still_running else {}),
+            },
+            merge=True,
         )
 
     def end_invocation(self, run: str, server_round: int, call: str, record: dict) -> None:
