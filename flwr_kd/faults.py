@@ -12,9 +12,10 @@ Failure kinds: `exception` (the handler raises: an error reply, as Flower sends)
 (hangs, then fails like a call past its time limit; the serverless function answers 504 as
 Cloud Run does), `5xx` (HTTP 503 from the function), `kill` (the function's process dies
 mid-call). Invalid-reply kinds, which the server must detect and exclude: `nan`, `shape`,
-`dtype` (the reply's logits, or weights where there are no logits, are corrupted) and, on the
-serverless runtime, `tamper` and `missing` (the stored reply object is overwritten out of band
-or deleted).
+`dtype` (the reply's logits, or weights where there are no logits, are corrupted), `subset`
+(FedMD: the reply claims the next round's public subset; FedDF: logits for a subset one sample
+short) and, on the serverless runtime, `tamper` and `missing` (the stored reply object is
+overwritten out of band or deleted).
 
 A draw is a pure function of (seed, round, client, message type, attempt), so that a run is
 reproducible, tests know what was injected, and a retried call (the next attempt) draws anew.
@@ -33,8 +34,10 @@ from flwr.common.constant import ErrorCode
 from flwr_kd import protocol
 
 FAILURES = ("exception", "timeout", "5xx", "kill")
-INVALID_REPLIES = ("nan", "shape", "dtype", "tamper", "missing")
+INVALID_REPLIES = ("nan", "shape", "dtype", "subset", "tamper", "missing")
 KINDS = FAILURES + INVALID_REPLIES
+#: Invalid replies made by changing the reply message itself (the others damage stored objects).
+CORRUPTING = ("nan", "shape", "dtype", "subset")
 SERVERLESS_ONLY = ("5xx", "kill", "tamper", "missing")
 #: Message types whose calls may fail: the ones a round's aggregation depends on.
 FAULTABLE = (protocol.TRAIN, protocol.FEDMD_ROUND)
@@ -98,8 +101,12 @@ def fail(kind: str, hang_seconds: float) -> None:
 
 def corrupt_reply(reply: Message, kind: str) -> None:
     """Corrupt a reply's logits (or its weights when it has none) in place: `nan`, `shape`
-    (one row or element short) or `dtype` (integers)."""
+    (one row or element short), `dtype` (integers) or `subset` (see the module's docstring)."""
     if reply.has_error():
+        return
+    config = reply.content.get(protocol.CONFIG)
+    if kind == "subset" and config is not None and "subset-round" in config:
+        config["subset-round"] = int(config["subset-round"]) + 1
         return
     name = protocol.LOGITS if protocol.LOGITS in reply.content else protocol.ARRAYS
     record = reply.content[name]
@@ -108,7 +115,7 @@ def corrupt_reply(reply: Message, kind: str) -> None:
     if kind == "nan":
         value = value.astype(value.dtype if value.dtype.kind == "f" else np.float32).copy()
         value.reshape(-1)[0] = np.nan
-    elif kind == "shape":
+    elif kind in ("shape", "subset"):
         value = value[:-1] if value.ndim > 0 and len(value) > 1 else np.zeros((2,) * (value.ndim + 1), value.dtype)
     elif kind == "dtype":
         value = value.astype(np.int32)

@@ -56,6 +56,7 @@ REASON = {  # what the driver records for a reply that ends in each kind
     "nan": "logits have non-finite values",
     "shape": "logits have shape (99, 10), expected (100, 10)",
     "dtype": "logits have dtype int32",
+    "subset": "logits have shape (99, 10), expected (100, 10)",  # FedDF: logits on another subset
     "tamper": "checksum mismatch",
     "missing": "does not exist",
     "5xx": "HTTP 503",
@@ -308,3 +309,50 @@ def test_too_few_replies_fail_the_round_and_name_the_minimum():
     assert issubclass(TooFewReplies, RuntimeError)
     with pytest.raises(ConfigError, match="min-replies"):
         ExperimentConfig.from_run_config({"num-clients": 3, "min-replies": 4})
+
+
+# ================================================= FedMD on the emulators: every invalid reply
+
+FEDMD_INVALID = ("subset", "nan", "shape", "dtype", "tamper", "missing")
+FEDMD_REASON = {
+    "subset": "logits for the wrong public subset (round {next_plus_one}, expected {next})",  # a reply is on the next round's subset
+    "nan": "logits have non-finite values",
+    "shape": "logits have shape",
+    "dtype": "logits have dtype int32",
+    "tamper": "checksum mismatch",
+    "missing": "does not exist",
+}
+
+
+def test_fedmd_leaves_out_every_kind_of_invalid_reply_with_its_reason(cloud_env, tmp_path):
+    """4 clients, 2 rounds; seed 1008 draws each invalid kind once and leaves one good reply a
+    round. Each bad reply is left out of the consensus with its kind's reason, recorded in
+    result.json, the round document and the call's invocation document."""
+    seed, run, clients = 1008, f"fedmd-invalid-{uuid.uuid4().hex[:8]}", [f"client-{i}" for i in range(4)]
+    plan = FaultPlan(0.7, FEDMD_INVALID, seed=seed)
+    drawn = {(r, c): plan.draw(r, c, protocol.FEDMD_ROUND) for r in (1, 2) for c in clients}
+    assert {k for k in drawn.values() if k} == set(FEDMD_INVALID)  # the seed still covers them
+    cache = tmp_path / "pretrain-cache"
+    argv = [
+        "cloud", "emulate", *experiment_flags("fedmd", 2, "-c", f"cache-dir={cache}"), "--clients", "4",
+        "--seed", str(seed), "--fail-rate", "0.7", "--fail-kinds", ",".join(FEDMD_INVALID), "--min-replies", "1",
+        "--run-id", run, "--out", str(tmp_path / "out"),
+    ]
+    assert main(argv) == 0
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    docs = invocation_docs(run, 2)
+    round_docs = {d["round"]: d for d in RoundStore().rounds(run)}
+    for r in (1, 2):
+        row = result["rounds"][r - 1]
+        dropped = {d["node"]: d["reason"] for d in row["dropped"]}
+        assert dropped == {d["node"]: d["reason"] for d in round_docs[r]["dropped"]}
+        for c in clients:
+            kind, doc = drawn[(r, c)], docs[r][f"{c}:train.fedmd"]
+            if kind is None:
+                assert node_id_for(c) not in dropped and "dropped" not in doc
+                continue
+            reason = FEDMD_REASON[kind].format(next=r + 1, next_plus_one=r + 2)
+            assert reason in dropped[node_id_for(c)], (r, c, kind, dropped)
+            assert doc["dropped"] == dropped[node_id_for(c)] and f"attempt 1: injected fault '{kind}'" in doc["events"]
+        assert row["replies"] == sum(drawn[(r, c)] is None for c in clients)
+    assert audit_run(run, RoundStore(), GcsArrayStore(EMULATE_BUCKET)) == []

@@ -299,7 +299,7 @@ def handle_client(body: bytes, content_type: str | None, env: FunctionEnv | None
         reply = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
         status = FAILED
     compute = time.perf_counter() - t1
-    if fault in ("nan", "shape", "dtype"):
+    if fault in faults.CORRUPTING:
         faults.corrupt_reply(reply, fault)
     reply.metadata.__dict__["_message_id"] = f"{msg.metadata.message_id}.reply"
     prefix = f"runs/{run}/rounds/{server_round}/clients/{env.client_id}/{msg.metadata.message_type.replace('.', '-')}"
