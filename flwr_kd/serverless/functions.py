@@ -308,6 +308,7 @@ def handle_client(body: bytes, content_type: str | None, env: FunctionEnv | None
         damage_object(store, min(out["objects"].values()), fault)
     total = time.perf_counter() - t0
     out["timing"] = {"compute": round(compute, 4), "total": round(total, 4)}
+    out["stored_bytes"] = written  # what the reply put on Cloud Storage (the driver counts bytes)
     rounds.end_invocation(
         run, server_round, call,
         {

@@ -167,8 +167,7 @@ class CloudFunctionGrid(Grid):
             payload = resp.json()
             reply = wire.decode(payload, self.store)
             record.compute_seconds = float(payload.get("timing", {}).get("compute", 0.0))
-            for obj in payload.get("objects", {}).values():
-                record.bytes_objects += self.store.bucket.get_blob(obj).size or 0
+            record.bytes_objects += int(payload.get("stored_bytes", 0))
         except Exception as exc:  # noqa: BLE001 - any failure is this node's failed reply
             record.error = f"{type(exc).__name__}: {exc}"
             reply = error_reply(msg, f"client function {endpoint.client_id} failed: {record.error}")
