@@ -15,9 +15,12 @@ import base64
 import datetime
 import http.server
 import json
+import re
+import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import requests
@@ -335,3 +338,36 @@ def test_token_for_the_https_url_passes_behind_cloud_runs_tls(secure_client, sig
     https_url = "https://" + secure_client.url.split("://", 1)[1]
     error = error_of(secure_client.post(f"Bearer {signer.token(https_url)}"), 400)
     assert error.startswith("malformed JSON")
+
+
+# ------------------------------------------------------------------ no secrets in the repository
+
+SECRET_PATTERNS = {
+    "a private key": re.compile(r"-----BEGIN (?:RSA |EC |OPENSSH |ENCRYPTED )?PRIVATE KEY-----"),
+    "a service-account key file": re.compile(r'"private_key_id"\s*:\s*"[0-9a-f]{20,}"'),
+    "a Google API key": re.compile(r"AIza[0-9A-Za-z_\-]{35}"),
+    "an OAuth access token": re.compile(r"ya29\.[0-9A-Za-z_\-]{20,}"),
+}
+
+
+def test_no_secret_is_committed():
+    """Functions authenticate as their runtime service account and the driver with Application
+    Default Credentials: nothing the repository tracks may hold a key or token."""
+    root = Path(__file__).resolve().parents[1]
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True, check=True).stdout.split(b"\0")
+    files = [root / name.decode() for name in tracked if name]
+    assert len(files) > 50, "git ls-files found too little: is this a checkout?"
+    found = []
+    for path in files:
+        if not path.is_file():
+            continue
+        text = path.read_bytes().decode("utf-8", errors="replace")
+        found += [f"{path.relative_to(root)}: {what}" for what, pattern in SECRET_PATTERNS.items() if pattern.search(text)]
+    assert not found, found
+
+
+def test_the_secret_scan_would_find_a_key():
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(  # as a key file holds it
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    assert SECRET_PATTERNS["a private key"].search(key)

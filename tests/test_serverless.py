@@ -654,9 +654,9 @@ def test_resume_after_the_driver_is_killed(live_deployment, tmp_path, kill_at):
         driver = subprocess.Popen(argv, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         if kill_at == "between-rounds":
-            killed_when = lambda: last_done() >= 1  # noqa: E731
+            killed_when = lambda: last_done() >= 1
         else:
-            killed_when = lambda: any(d["id"].startswith("aggregator:") for d in rounds.invocations(run, 2))  # noqa: E731
+            killed_when = lambda: any(d["id"].startswith("aggregator:") for d in rounds.invocations(run, 2))
         wait_for(killed_when, 240, f"{kill_at} of {run} (driver log: {log})", alive=lambda: driver.poll() is None, interval=0.2)
     finally:
         if driver.poll() is None:
@@ -753,3 +753,40 @@ def test_client_function_killed_mid_round_is_dropped(live_deployment, tmp_path):
         f"runs/{run}/rounds/2/clients/{c}/train/{record}.npz" for c in CLIENT_IDS if c != victim for record in ("arrays", "logits")
     )
     assert GcsArrayStore(DEPLOY_BUCKET).exists(f"runs/{run}/rounds/2/global.npz")
+
+
+def test_an_aggregator_instance_that_dies_mid_task_is_retried(live_deployment, tmp_path):
+    """The aggregator's instance (gunicorn's worker) is SIGKILLed while it distils round 1's
+    resnet10t model: the driver retries the task, a new instance runs it, the round completes
+    with that architecture distilled, and the student model is written once (create-only)."""
+    import psutil
+
+    run, arch = unique("agg-crash"), "resnet10t"
+    rounds, killed = RoundStore(), threading.Event()
+    call = f"aggregator:{arch}:task-distill-{ARCHS.index(arch)}"
+
+    def kill_the_worker_mid_task():
+        def running():
+            snap = rounds.invocation_ref(run, 1, call).get()
+            return snap.exists and snap.to_dict().get("status") == RUNNING
+        try:
+            wait_for(running, 240, f"{call} running")
+        except AssertionError:
+            return
+        for worker in psutil.Process(live_deployment.aggregators[arch].proc.pid).children():
+            worker.kill()
+        killed.set()
+
+    watcher = threading.Thread(target=kill_the_worker_mid_task, daemon=True)
+    watcher.start()
+    out = tmp_path / "out"
+    flags = experiment_flags("feddf", 1, "--distill-steps", "300")  # a task long enough to be killed in
+    run_cli(driver_argv(live_deployment, tmp_path, *flags, "--run-id", run, "--out", str(out)))
+    watcher.join()
+    assert killed.is_set()
+    result = json.loads((out / "result.json").read_text())
+    assert result["rounds"][0]["replies"] == 3 and set(result["rounds"][0]["distill"]) == set(ARCHS)
+    doc = invocation_docs(run, 1)[1][call]
+    assert (doc["status"], doc["attempts"]) == (DONE, 2), doc
+    assert list_objects(DEPLOY_BUCKET, f"runs/{run}/rounds/1/aggregators/{arch}/student.npz") == [f"runs/{run}/rounds/1/aggregators/{arch}/student.npz"]
+    assert [(d["round"], d["status"]) for d in rounds.rounds(run)] == [(1, DONE)]
