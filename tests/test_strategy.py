@@ -299,7 +299,7 @@ def test_a_round_completes_with_the_replies_it_got_down_to_min_replies(min_repli
     grid = _grid(n, faults={node_id_of(0): _raise})
     strategy = HeteroFedAvg(min_available_nodes=n, min_replies=min_replies)
     initial = pack_models(_initial(data.model_spec))
-    run = lambda: strategy.start(grid=grid, initial_arrays=initial, num_rounds=1, train_config=_train_config(spec))  # noqa: E731
+    run = lambda: strategy.start(grid=grid, initial_arrays=initial, num_rounds=1, train_config=_train_config(spec))
     if not completes:
         with pytest.raises(TooFewReplies, match="2 valid replies, fewer than min_replies=3"):
             run()
