@@ -333,10 +333,11 @@ def deployed_data_config() -> dict:
 
 def envelope(run: str, *, to: str = "client-0", arch: str | None = None, server_round: int = 0,
              message_type: str = protocol.DESCRIBE, objects: dict | None = None, message_id: str | None = None,
-             records: dict | None = None) -> bytes:
+             records: dict | None = None, config: dict | None = None) -> bytes:
     """A client message as the driver sends it (Flower proto in the JSON envelope), for the data
-    split the `deployment` fixture uploaded; `records` are added to its content (inline)."""
-    config = {**deployed_data_config(), "server-round": server_round, **({"arch": arch} if arch else {})}
+    split the `deployment` fixture uploaded; `records` are added to its content (inline) and
+    `config` to its config."""
+    config = {**deployed_data_config(), "server-round": server_round, **({"arch": arch} if arch else {}), **(config or {})}
     msg = make_message({protocol.CONFIG: ConfigRecord(config), **(records or {})}, dst=node_id_for(to), message_type=message_type,
                        message_id=message_id or f"{run}.r{server_round}.{to}.{message_type}")
     body, _ = wire.encode(msg, run=run, server_round=server_round, store=None, prefix="unused")
@@ -386,6 +387,8 @@ def boundary_case(case: str, run: str) -> tuple[bytes, str | None, int, list[str
     if case == "wrong-shaped-public":  # public inputs of another image size
         public = ArrayRecord({"x": Array(np.zeros((4, 1, 28, 28), np.float32))})
         return envelope(run, arch="resnet10t", message_type=protocol.TRAIN, records={protocol.PUBLIC: public}), js, 400, ["public inputs must have shape (n, 1, 16, 16)", "(4, 1, 28, 28)"]
+    if case == "bad-fault-settings":  # fault injection asked for with a kind that does not exist
+        return envelope(run, arch="resnet10t", config={"fail-rate": 0.5, "fail-kinds": "meteor"}), js, 400, ["bad fault-injection settings", "meteor"]
     own = f"runs/{run}/rounds/0/messages/client-0/"
     if case == "object-outside-messages":  # e.g. another client's private data
         return envelope(run, objects={"arrays": "clients/client-1/data/private.npz"}), js, 403, [f"must lie under {own}"]
@@ -407,7 +410,7 @@ BOUNDARY_CASES = [
     "malformed-json", "empty-body", "not-json-content-type", "no-content-type", "oversized", "not-an-object",
     "bad-version", "missing-round", "bad-message", "unknown-run", "other-node", "wrong-architecture",
     "object-outside-messages", "object-of-another-client", "object-of-another-round", "object-not-a-string",
-    "missing-object", "wrong-shaped-weights", "wrong-shaped-public",
+    "missing-object", "wrong-shaped-weights", "wrong-shaped-public", "bad-fault-settings",
 ]
 
 

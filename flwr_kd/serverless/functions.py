@@ -263,6 +263,10 @@ def handle_client(body: bytes, content_type: str | None, env: FunctionEnv | None
     problem = payload_problem(msg, env, config) if config is not None else None
     if problem:
         raise HttpError(400, problem)
+    try:
+        plan = faults.FaultPlan.from_config(config, serverless=True) if config is not None else faults.FaultPlan()
+    except (TypeError, ValueError) as exc:
+        raise HttpError(400, f"bad fault-injection settings: {exc}") from exc
     call = f"{env.client_id}:{msg.metadata.message_type}"
     prior = rounds.begin_invocation(run, server_round, call, msg.metadata.message_id)
     attempt = 1
@@ -285,7 +289,6 @@ def handle_client(body: bytes, content_type: str | None, env: FunctionEnv | None
         run_id=msg.metadata.run_id, node_id=node,
         node_config={"arch": env.arch, "client-id": env.client_id}, state=RecordDict(), run_config={},
     )
-    plan = faults.FaultPlan.from_config(config, serverless=True) if config is not None else faults.FaultPlan()
     fault = plan.draw(server_round, env.client_id, msg.metadata.message_type, attempt)
     if fault is not None:
         inject_call_fault(fault, plan, rounds, (run, server_round, call), attempt)
