@@ -644,7 +644,8 @@ def test_resume_after_the_driver_is_killed(live_deployment, tmp_path, kill_at):
     `--resume` continues at round 2, repeats no done round, and round 2's client calls are
     answered from their records, not computed again."""
     run = unique("resume")
-    flags = experiment_flags("feddf", 3)
+    # while killed during distillation, a longer distillation keeps the kill inside that window
+    flags = experiment_flags("feddf", 3, *(["--distill-steps", "100"] if kill_at == "aggregation" else []))
     log = tmp_path / "driver.log"
     argv = [sys.executable, "-m", "flwr_kd.cli", *driver_argv(live_deployment, tmp_path, *flags, "--run-id", run, "--out", str(tmp_path / "killed"))]
     rounds = RoundStore()
