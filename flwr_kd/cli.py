@@ -37,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--name-prefix", default="flwr-kd", help="with --project: terraform's name_prefix")
     run.add_argument("--no-auth", action="store_true", help="send no ID token (for local URLs)")
     run.add_argument("--skip-active-check", action="store_true", help="do not ask the Cloud Functions API whether every function is ACTIVE")
+    cloud.add_parser("emulators", help="start fake-gcs-server and the Firestore emulator until Ctrl-C; prints their environment")
     audit = cloud.add_parser("audit", help="check that a run's records are complete (rounds, calls, verdicts, models)")
     audit.add_argument("run_id", metavar="RUN")
     audit.add_argument("--outputs", help="file with `terraform output -json` (default: the emulators named by STORAGE_EMULATOR_HOST and FIRESTORE_EMULATOR_HOST)")
@@ -120,6 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "cloud" and args.cloud_command == "audit":
         return _audit(args)
+    if args.command == "cloud" and args.cloud_command == "emulators":
+        from flwr_kd.serverless.emulate import serve_emulators
+
+        serve_emulators()
+        return 0
     try:
         cfg = config_from_args(args)
     except (ConfigError, DataError, UnknownArchitectureError) as exc:

@@ -794,3 +794,33 @@ def test_an_aggregator_instance_that_dies_mid_task_is_retried(live_deployment, t
     assert (doc["status"], doc["attempts"]) == (DONE, 2), doc
     assert list_objects(DEPLOY_BUCKET, f"runs/{run}/rounds/1/aggregators/{arch}/student.npz") == [f"runs/{run}/rounds/1/aggregators/{arch}/student.npz"]
     assert [(d["round"], d["status"]) for d in rounds.rounds(run)] == [(1, DONE)]
+
+
+def test_cloud_emulators_serves_both_until_stopped(tmp_path):
+    """`flwr-kd cloud emulators` prints the environment of the emulators it started; they work
+    (a run created, an object stored), and SIGTERM stops both."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flwr_kd.cli", "cloud", "emulators"], cwd=tmp_path,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("export STORAGE_EMULATOR_HOST="), line
+        env = dict(item.split("=", 1) for item in line.split()[1:])
+        with pytest.MonkeyPatch.context() as mp:
+            for key, value in env.items():
+                mp.setenv(key, value)
+            RoundStore().create_run("served", {"k": 1}, "feddf")
+            assert RoundStore().get_run("served")["config"] == {"k": 1}
+            storage_client().create_bucket("served")
+            GcsArrayStore("served").put("x.npz", {"a": np.arange(3)})
+            np.testing.assert_array_equal(GcsArrayStore("served").get("x.npz")["a"], np.arange(3))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        for url in (env["STORAGE_EMULATOR_HOST"], "http://" + env["FIRESTORE_EMULATOR_HOST"]):
+            with pytest.raises(requests.ConnectionError):
+                requests.get(url, timeout=2)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

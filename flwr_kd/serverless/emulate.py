@@ -108,6 +108,31 @@ class EmulatedStack:
         )
 
 
+def serve_emulators(project: str = DEFAULT_PROJECT) -> None:
+    """`flwr-kd cloud emulators`: fake-gcs-server and the Firestore emulator until Ctrl-C, with
+    the environment to point `cloud emulate` (or anything else) at them."""
+    import signal
+    import threading
+
+    log_dir = Path(tempfile.mkdtemp(prefix="flwr-kd-emulators-"))
+    with ExitStack() as stack:
+        storage = StorageEmulator(log_dir)
+        stack.callback(storage.stop)
+        firestore = FirestoreEmulator(project, log_dir)
+        stack.callback(firestore.stop)
+        print(
+            f"export STORAGE_EMULATOR_HOST={storage.url} FIRESTORE_EMULATOR_HOST={firestore.host} "
+            f"GOOGLE_CLOUD_PROJECT={project}\n# logs: {log_dir}; Ctrl-C stops both",
+            flush=True,
+        )
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        try:
+            stop.wait()
+        except KeyboardInterrupt:
+            pass
+
+
 def emulate(cfg: ExperimentConfig, run_id: str | None = None, resume: bool = False, options: GridOptions | None = None) -> dict:
     from flwr_kd.serverless.driver import drive
 
