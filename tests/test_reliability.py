@@ -356,3 +356,25 @@ def test_fedmd_leaves_out_every_kind_of_invalid_reply_with_its_reason(cloud_env,
             assert doc["dropped"] == dropped[node_id_for(c)] and f"attempt 1: injected fault '{kind}'" in doc["events"]
         assert row["replies"] == sum(drawn[(r, c)] is None for c in clients)
     assert audit_run(run, RoundStore(), GcsArrayStore(EMULATE_BUCKET)) == []
+
+
+def test_a_straggler_is_cut_by_the_round_deadline_on_the_emulators(cloud_env, tmp_path):
+    """`--round-timeout 8`: client-2 hangs 60 s (seed 0 draws it alone); the round completes at
+    the deadline with the other two replies, and client-2's call carries the driver's verdict
+    (and is marked failed: the driver gave up on it while it was still running)."""
+    run = f"straggler-{uuid.uuid4().hex[:8]}"
+    assert [FaultPlan(0.4, ("timeout",), seed=0).draw(1, f"client-{i}", protocol.TRAIN) for i in range(3)] == [None, None, "timeout"]
+    argv = [
+        "cloud", "emulate", *experiment_flags("feddf", 1), "--seed", "0", "--fail-rate", "0.4", "--fail-kinds", "timeout",
+        "-c", "fail-hang-seconds=60", "--round-timeout", "8", "--run-id", run, "--out", str(tmp_path / "out"),
+    ]
+    t0 = time.perf_counter()
+    assert main(argv) == 0
+    assert time.perf_counter() - t0 < 60  # the hung call was not waited for
+    (row,) = json.loads((tmp_path / "out" / "result.json").read_text())["rounds"]
+    assert row["replies"] == 2
+    (dropped,) = row["dropped"]
+    assert dropped["node"] == node_id_for("client-2") and "no reply within the round deadline of 8.0s" in dropped["reason"]
+    doc = invocation_docs(run, 1)[1]["client-2:train"]
+    assert doc["dropped"] == dropped["reason"] and doc["status"] == "failed", doc
+    assert "attempt 1: injected fault 'timeout'" in doc["events"]
