@@ -347,7 +347,7 @@ def envelope(run: str, *, to: str = "client-0", arch: str | None = None, server_
 @pytest.fixture(scope="module")
 def boundary_run(deployment) -> str:
     run = unique("boundary")
-    RoundStore().create_run(run, {}, "feddf")
+    RoundStore().create_run(run, {"num-server-rounds": 3}, "feddf")
     return run
 
 
@@ -387,6 +387,8 @@ def boundary_case(case: str, run: str) -> tuple[bytes, str | None, int, list[str
     if case == "wrong-shaped-public":  # public inputs of another image size
         public = ArrayRecord({"x": Array(np.zeros((4, 1, 28, 28), np.float32))})
         return envelope(run, arch="resnet10t", message_type=protocol.TRAIN, records={protocol.PUBLIC: public}), js, 400, ["public inputs must have shape (n, 1, 16, 16)", "(4, 1, 28, 28)"]
+    if case == "unknown-round":  # the boundary run has 3 rounds (0 is set-up)
+        return envelope(run, server_round=4), js, 404, [f"unknown round 4 of run '{run}'", "rounds 0-3"]
     if case == "bad-fault-settings":  # fault injection asked for with a kind that does not exist
         return envelope(run, arch="resnet10t", config={"fail-rate": 0.5, "fail-kinds": "meteor"}), js, 400, ["bad fault-injection settings", "meteor"]
     own = f"runs/{run}/rounds/0/messages/client-0/"
@@ -410,7 +412,7 @@ BOUNDARY_CASES = [
     "malformed-json", "empty-body", "not-json-content-type", "no-content-type", "oversized", "not-an-object",
     "bad-version", "missing-round", "bad-message", "unknown-run", "other-node", "wrong-architecture",
     "object-outside-messages", "object-of-another-client", "object-of-another-round", "object-not-a-string",
-    "missing-object", "wrong-shaped-weights", "wrong-shaped-public", "bad-fault-settings",
+    "missing-object", "wrong-shaped-weights", "wrong-shaped-public", "bad-fault-settings", "unknown-round",
 ]
 
 
@@ -427,7 +429,7 @@ def test_client_function_rejects_bad_requests_before_writing(live_deployment, bo
     for word in words:
         assert word in payload["error"], payload["error"]
     assert list_objects(DEPLOY_BUCKET) == objects_before
-    assert invocation_docs(boundary_run, 2) == {}
+    assert invocation_docs(boundary_run, 4) == {}
     if case == "unknown-run":  # nor is the unknown run created
         run = json.loads(body)["run"]
         with pytest.raises(KeyError):

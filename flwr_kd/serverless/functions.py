@@ -181,6 +181,17 @@ def parse_request(body: bytes, content_type: str | None, env: FunctionEnv) -> di
         raise HttpError(400, f"malformed JSON: {exc}") from exc
 
 
+def check_run_and_round(rounds: RoundStore, run: str, server_round: int) -> None:
+    """404 unless `run` exists in Firestore and has a round `server_round` (0 is set-up)."""
+    try:
+        config = rounds.get_run(run).get("config", {})
+    except KeyError as exc:
+        raise HttpError(404, f"unknown run '{run}'") from exc
+    last = config.get("num-server-rounds")
+    if last is not None and not 0 <= server_round <= int(last):
+        raise HttpError(404, f"unknown round {server_round} of run '{run}', which has rounds 0-{last}")
+
+
 # ---------------------------------------------------------------------------- client
 
 
@@ -243,10 +254,7 @@ def handle_client(body: bytes, content_type: str | None, env: FunctionEnv | None
     envelope = wire.parse_envelope(parse_request(body, content_type, env))
     store, rounds = _stores(env.bucket, env.database)
     run, server_round = envelope["run"], envelope["round"]
-    try:
-        rounds.get_run(run)
-    except KeyError as exc:
-        raise HttpError(404, f"unknown run '{run}'") from exc
+    check_run_and_round(rounds, run, server_round)
     own = f"runs/{run}/rounds/{server_round}/messages/{env.client_id}/"
     if not all(isinstance(o, str) and o.startswith(own) for o in envelope["objects"].values()):
         raise HttpError(403, f"message objects must lie under {own}")
@@ -370,10 +378,7 @@ def handle_aggregator(body: bytes, content_type: str | None, env: FunctionEnv | 
     if not request["task"].startswith(prefix):
         raise HttpError(403, f"task object must lie under {prefix}")
     store, rounds = _stores(env.bucket, env.database)
-    try:
-        rounds.get_run(run)
-    except KeyError as exc:
-        raise HttpError(404, f"unknown run '{run}'") from exc
+    check_run_and_round(rounds, run, server_round)
     try:
         task = taskcodec.decode_task(store.get(request["task"]), params)
     except (ArrayStoreError, ValueError) as exc:
