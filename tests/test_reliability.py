@@ -1,10 +1,11 @@
 """Reliability: injected faults and invalid replies against the emulated serverless stack, the
 fault injector itself, the simulation's fault mod, and the round deadline for stragglers.
 
-The end-to-end test runs `flwr-kd cloud emulate` with every fault kind at once. Draws are a
-pure function of (seed, round, client, message type, attempt), so the test computes what was
-injected into each call, and what must have come of it, and checks Firestore and the result
-against that, call by call.
+The end-to-end tests drive one emulated stack (started as `flwr-kd cloud emulate` starts it)
+with `flwr-kd cloud run`: every fault kind at once (FedDF), every invalid reply (FedMD), and a
+straggler. Draws are a pure function of (seed, round, client, message type, attempt), so the
+tests compute what was injected into each call, and what must have come of it, and check
+Firestore and the result against that, call by call.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.clientapp import ClientApp
 from inprocess_grid import InProcessGrid, node_id_of
-from serverless_fixtures import EMULATE_BUCKET, experiment_flags, invocation_docs
+from serverless_fixtures import ARCHS, EMULATE_BUCKET, experiment_flags, invocation_docs
 
 from flwr_kd import protocol
 from flwr_kd.cli import _parser, config_from_args, main
@@ -226,11 +227,35 @@ def covering_seed() -> int:
 
 
 @pytest.fixture(scope="module")
-def faulty_run(cloud_env, tmp_path_factory):
+def stack(cloud_env, tmp_path_factory):
+    """The module's emulated deployment, as `cloud emulate` starts it (4 one-instance client
+    functions, supervised, and an aggregator per architecture); the end-to-end runs drive it with
+    `cloud run --outputs`, the straggler's last (its hung call outlives the run)."""
+    from flwr_kd.serverless.emulate import EmulatedStack
+
+    cfg = ExperimentConfig(num_clients=len(CLIENT_IDS), archs=",".join(ARCHS))
+    with EmulatedStack(cfg, log_dir=tmp_path_factory.mktemp("stack-logs")) as emulated:
+        dep = emulated.deployment()
+        outputs = tmp_path_factory.mktemp("stack") / "outputs.json"
+        outputs.write_text(json.dumps({
+            "client_function_urls": {"value": {c.client_id: c.url for c in dep.clients}},
+            "client_architectures": {"value": {c.client_id: c.arch for c in dep.clients}},
+            "aggregator_function_urls": {"value": dep.aggregators},
+            "arrays_bucket": {"value": dep.bucket},
+        }))
+        yield outputs
+
+
+def drive_argv(outputs, *flags: str) -> list[str]:
+    return ["cloud", "run", "--outputs", str(outputs), "--no-auth", "--skip-active-check", *flags]
+
+
+@pytest.fixture(scope="module")
+def faulty_run(stack, tmp_path_factory):
     seed, run = covering_seed(), f"faults-{uuid.uuid4().hex[:8]}"
     out = tmp_path_factory.mktemp("faults")
     argv = [
-        "cloud", "emulate", *experiment_flags("feddf", ROUNDS), "--clients", str(len(CLIENT_IDS)), "--seed", str(seed),
+        *drive_argv(stack, *experiment_flags("feddf", ROUNDS)), "--clients", str(len(CLIENT_IDS)), "--seed", str(seed),
         "--fail-rate", str(RATE), "--fail-kinds", ",".join(KINDS), "-c", "fail-hang-seconds=1",
         "--min-replies", "1", "--retries", str(RETRIES), "--run-id", run, "--out", str(out),
     ]
@@ -324,7 +349,7 @@ FEDMD_REASON = {
 }
 
 
-def test_fedmd_leaves_out_every_kind_of_invalid_reply_with_its_reason(cloud_env, tmp_path):
+def test_fedmd_leaves_out_every_kind_of_invalid_reply_with_its_reason(stack, tmp_path):
     """4 clients, 2 rounds; seed 1008 draws each invalid kind once and leaves one good reply a
     round. Each bad reply is left out of the consensus with its kind's reason, recorded in
     result.json, the round document and the call's invocation document."""
@@ -334,7 +359,7 @@ def test_fedmd_leaves_out_every_kind_of_invalid_reply_with_its_reason(cloud_env,
     assert {k for k in drawn.values() if k} == set(FEDMD_INVALID)  # the seed still covers them
     cache = tmp_path / "pretrain-cache"
     argv = [
-        "cloud", "emulate", *experiment_flags("fedmd", 2, "-c", f"cache-dir={cache}"), "--clients", "4",
+        *drive_argv(stack, *experiment_flags("fedmd", 2, "-c", f"cache-dir={cache}")), "--clients", "4",
         "--seed", str(seed), "--fail-rate", "0.7", "--fail-kinds", ",".join(FEDMD_INVALID), "--min-replies", "1",
         "--run-id", run, "--out", str(tmp_path / "out"),
     ]
@@ -358,23 +383,23 @@ def test_fedmd_leaves_out_every_kind_of_invalid_reply_with_its_reason(cloud_env,
     assert audit_run(run, RoundStore(), GcsArrayStore(EMULATE_BUCKET)) == []
 
 
-def test_a_straggler_is_cut_by_the_round_deadline_on_the_emulators(cloud_env, tmp_path):
-    """`--round-timeout 8`: client-2 hangs 60 s (seed 0 draws it alone); the round completes at
-    the deadline with the other two replies, and client-2's call carries the driver's verdict
+def test_a_straggler_is_cut_by_the_round_deadline_on_the_emulators(stack, tmp_path):
+    """`--round-timeout 8`: client-3 hangs 60 s (seed 0 draws it alone); the round completes at
+    the deadline with the other three replies, and client-3's call carries the driver's verdict
     (and is marked failed: the driver gave up on it while it was still running)."""
     run = f"straggler-{uuid.uuid4().hex[:8]}"
-    assert [FaultPlan(0.4, ("timeout",), seed=0).draw(1, f"client-{i}", protocol.TRAIN) for i in range(3)] == [None, None, "timeout"]
+    assert [FaultPlan(0.3, ("timeout",), seed=0).draw(1, c, protocol.TRAIN) for c in CLIENT_IDS] == [None, None, None, "timeout"]
     argv = [
-        "cloud", "emulate", *experiment_flags("feddf", 1), "--seed", "0", "--fail-rate", "0.4", "--fail-kinds", "timeout",
+        *drive_argv(stack, *experiment_flags("feddf", 1)), "--clients", "4", "--seed", "0", "--fail-rate", "0.3", "--fail-kinds", "timeout",
         "-c", "fail-hang-seconds=60", "--round-timeout", "8", "--run-id", run, "--out", str(tmp_path / "out"),
     ]
     t0 = time.perf_counter()
     assert main(argv) == 0
     assert time.perf_counter() - t0 < 60  # the hung call was not waited for
     (row,) = json.loads((tmp_path / "out" / "result.json").read_text())["rounds"]
-    assert row["replies"] == 2
+    assert row["replies"] == 3
     (dropped,) = row["dropped"]
-    assert dropped["node"] == node_id_for("client-2") and "no reply within the round deadline of 8.0s" in dropped["reason"]
-    doc = invocation_docs(run, 1)[1]["client-2:train"]
+    assert dropped["node"] == node_id_for("client-3") and "no reply within the round deadline of 8.0s" in dropped["reason"]
+    doc = invocation_docs(run, 1)[1]["client-3:train"]
     assert doc["dropped"] == dropped["reason"] and doc["status"] == "failed", doc
     assert "attempt 1: injected fault 'timeout'" in doc["events"]
