@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -116,7 +117,7 @@ def save(out: Path, name: str, data: dict) -> None:
 
 def accuracy_section(mode: dict, out: Path) -> dict:
     """FedDF, FedMD, FedAvg per group, local-only and centralized; per alpha, same seeds."""
-    from flwr_kd.data import DataSpec, load_federated
+    from flwr_kd.data import load_federated
     from flwr_kd.experiment import ExperimentConfig
     from flwr_kd.fanout import ProcessFanOut
     from flwr_kd.tasks import LocalTrainTask, run_local_train_task
@@ -369,7 +370,7 @@ def soak_section(mode: dict, out: Path) -> dict:
     from flwr_kd.report import ServerTestScore
     from flwr_kd.serverless.arraystore import GcsArrayStore
     from flwr_kd.serverless.audit import audit_run
-    from flwr_kd.serverless.emulators import FirestoreEmulator, StorageEmulator
+    from flwr_kd.serverless.emulate import DEFAULT_PROJECT, set_env_until_close, start_emulators
     from flwr_kd.serverless.roundstore import RoundStore
 
     rounds, run = mode["soak_rounds"], f"soak-{int(time.time())}"
@@ -378,10 +379,9 @@ def soak_section(mode: dict, out: Path) -> dict:
             "-c", "max-private=120", "-c", "subset-size=100", "-c", "fail-hang-seconds=2", "--run-id", run]
     logs = out / "runs" / "soak-emulators"
     logs.mkdir(parents=True, exist_ok=True)
-    storage, firestore = StorageEmulator(logs), FirestoreEmulator("demo-flwr-kd", logs)
-    saved = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", "FIRESTORE_EMULATOR_HOST", "GOOGLE_CLOUD_PROJECT")}
-    os.environ.update(STORAGE_EMULATOR_HOST=storage.url, FIRESTORE_EMULATOR_HOST=firestore.host, GOOGLE_CLOUD_PROJECT="demo-flwr-kd")
-    try:
+    with ExitStack() as emulators:  # the run's records outlive `cloud emulate`, for the audit
+        set_env_until_close(emulators, "GOOGLE_CLOUD_PROJECT", DEFAULT_PROJECT)
+        start_emulators(emulators, DEFAULT_PROJECT, logs, reuse=False)
         t0 = time.perf_counter()
         result, _ = flwr_kd(args, out / "runs" / "soak")
         seconds = time.perf_counter() - t0
@@ -390,11 +390,6 @@ def soak_section(mode: dict, out: Path) -> dict:
         data = load_federated(cfg.data_spec)
         final = GcsArrayStore("flwr-kd-arrays").get(f"runs/{run}/rounds/{rounds}/global.npz")
         reevaluated = ServerTestScore(cfg.arch_list, data.model_spec, data.test_x, data.test_y)(rounds, state_to_record(final))
-    finally:
-        for key, value in saved.items():
-            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
-        storage.stop()
-        firestore.stop()
     rel = result["serverless"]["reliability"]
     results = {
         "command": "flwr-kd " + " ".join(args),

@@ -25,6 +25,32 @@ CLOUD_SOURCE = Path(__file__).resolve().parents[2] / "cloud" / "main.py"
 DEFAULT_PROJECT = "demo-flwr-kd"
 
 
+def set_env_until_close(stack: ExitStack, key: str, value: str) -> None:
+    """Set os.environ[key] (what the Google clients and child processes read) until `stack`
+    closes, then put back what was there."""
+    before = os.environ.get(key)
+    os.environ[key] = value
+    stack.callback(lambda: os.environ.pop(key, None) if before is None else os.environ.__setitem__(key, before))
+
+
+def start_emulators(stack: ExitStack, project: str, log_dir: Path, reuse: bool = True) -> list[str]:
+    """Start fake-gcs-server and the Firestore emulator (with `reuse`, only those the
+    environment does not already name) and point this process's environment at them, until
+    `stack` closes and stops them. Returns a line on each one started."""
+    started = []
+    if not (reuse and os.environ.get("STORAGE_EMULATOR_HOST")):
+        storage = StorageEmulator(log_dir)
+        stack.callback(storage.stop)
+        set_env_until_close(stack, "STORAGE_EMULATOR_HOST", storage.url)
+        started.append(f"fake-gcs-server at {storage.url} (pid {storage.proc.pid})")
+    if not (reuse and os.environ.get("FIRESTORE_EMULATOR_HOST")):
+        firestore = FirestoreEmulator(project, log_dir)
+        stack.callback(firestore.stop)
+        set_env_until_close(stack, "FIRESTORE_EMULATOR_HOST", firestore.host)
+        started.append(f"Firestore emulator at {firestore.host} (pid {firestore.proc.pid})")
+    return started
+
+
 class EmulatedStack:
     """Emulators and function processes for one experiment config; a context manager."""
 
@@ -50,18 +76,7 @@ class EmulatedStack:
     def _start(self) -> None:
         os.environ.setdefault("GOOGLE_CLOUD_PROJECT", DEFAULT_PROJECT)
         self.project = os.environ["GOOGLE_CLOUD_PROJECT"]
-        if not os.environ.get("STORAGE_EMULATOR_HOST"):
-            storage = StorageEmulator(self.log_dir)
-            self._stack.callback(storage.stop)
-            self._stack.callback(os.environ.pop, "STORAGE_EMULATOR_HOST", None)
-            os.environ["STORAGE_EMULATOR_HOST"] = storage.url
-            self.started.append(f"fake-gcs-server at {storage.url} (pid {storage.proc.pid})")
-        if not os.environ.get("FIRESTORE_EMULATOR_HOST"):
-            firestore = FirestoreEmulator(self.project, self.log_dir)
-            self._stack.callback(firestore.stop)
-            self._stack.callback(os.environ.pop, "FIRESTORE_EMULATOR_HOST", None)
-            os.environ["FIRESTORE_EMULATOR_HOST"] = firestore.host
-            self.started.append(f"Firestore emulator at {firestore.host} (pid {firestore.proc.pid})")
+        self.started += start_emulators(self._stack, self.project, self.log_dir)
         from google.cloud import storage as gcs
 
         client = gcs.Client(project=self.project)
@@ -116,12 +131,10 @@ def serve_emulators(project: str = DEFAULT_PROJECT) -> None:
 
     log_dir = Path(tempfile.mkdtemp(prefix="flwr-kd-emulators-"))
     with ExitStack() as stack:
-        storage = StorageEmulator(log_dir)
-        stack.callback(storage.stop)
-        firestore = FirestoreEmulator(project, log_dir)
-        stack.callback(firestore.stop)
+        start_emulators(stack, project, log_dir, reuse=False)
         print(
-            f"export STORAGE_EMULATOR_HOST={storage.url} FIRESTORE_EMULATOR_HOST={firestore.host} "
+            f"export STORAGE_EMULATOR_HOST={os.environ['STORAGE_EMULATOR_HOST']} "
+            f"FIRESTORE_EMULATOR_HOST={os.environ['FIRESTORE_EMULATOR_HOST']} "
             f"GOOGLE_CLOUD_PROJECT={project}\n# logs: {log_dir}; Ctrl-C stops both",
             flush=True,
         )
