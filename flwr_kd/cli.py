@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"flwr-kd: error: {exc}", file=sys.stderr)
         return 2
     except TooFewReplies as exc:
-        hint = f"; resume it with --resume {exc.run_id}" if getattr(exc, "run_id", None) else ""
+        hint = f"; resume it with --resume {exc.run_id}" if exc.run_id else ""
         print(f"flwr-kd: error: {exc}{hint}", file=sys.stderr)
         return 1
 

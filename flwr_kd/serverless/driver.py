@@ -234,8 +234,8 @@ def drive(cfg: ExperimentConfig, deployment: Deployment, run_id: str, *, resume:
     except BaseException as exc:
         if isinstance(exc, TooFewReplies):
             record_verdicts(rounds, grid, run_id, grid.current_round, exc.dropped)
+            exc.run_id = run_id
         rounds.fail_round(run_id, max(grid.current_round, 1), f"{type(exc).__name__}: {exc}")
-        exc.run_id = run_id  # for the "resume it" hint
         raise
     finally:
         grid.close()

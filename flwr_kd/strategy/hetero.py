@@ -33,6 +33,7 @@ class TooFewReplies(RuntimeError):
     def __init__(self, message: str, dropped: list[dict] | None = None) -> None:
         super().__init__(message)
         self.dropped = dropped or []
+        self.run_id: str | None = None  # the serverless run to resume, set by its driver
 
 
 @dataclass
