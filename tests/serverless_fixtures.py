@@ -182,6 +182,17 @@ def wait_for(condition, timeout: float, what: str, interval: float = 0.05, alive
 # ----------------------------------------------------------------------------- deployment
 
 
+def terraform_outputs(clients: dict[str, tuple[str, str]], aggregators: dict[str, str], bucket: str) -> dict:
+    """What `terraform output -json` prints (the part `flwr-kd cloud run` reads), for clients
+    {id: (URL, architecture)} and aggregators {architecture: URL}."""
+    return {
+        "client_function_urls": {"value": {cid: url for cid, (url, _) in clients.items()}},
+        "client_architectures": {"value": {cid: arch for cid, (_, arch) in clients.items()}},
+        "aggregator_function_urls": {"value": dict(aggregators)},
+        "arrays_bucket": {"value": bucket},
+    }
+
+
 @dataclass
 class FunctionDeployment:
     """Client functions `client-0..2` and one aggregator function per architecture, on the
@@ -195,13 +206,10 @@ class FunctionDeployment:
         return [*self.clients.values(), *self.aggregators.values()]
 
     def outputs(self) -> dict:
-        """What `terraform output -json` prints (the part `flwr-kd cloud run` reads)."""
-        return {
-            "client_function_urls": {"value": {cid: fn.url for cid, fn in self.clients.items()}},
-            "client_architectures": {"value": {cid: arch_of(cid) for cid in self.clients}},
-            "aggregator_function_urls": {"value": {arch: fn.url for arch, fn in self.aggregators.items()}},
-            "arrays_bucket": {"value": self.bucket},
-        }
+        return terraform_outputs(
+            {cid: (fn.url, arch_of(cid)) for cid, fn in self.clients.items()},
+            {arch: fn.url for arch, fn in self.aggregators.items()}, self.bucket,
+        )
 
     def write_outputs(self, path: Path) -> Path:
         path.write_text(json.dumps(self.outputs()))

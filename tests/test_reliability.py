@@ -22,7 +22,13 @@ import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.clientapp import ClientApp
 from inprocess_grid import InProcessGrid, node_id_of
-from serverless_fixtures import ARCHS, EMULATE_BUCKET, experiment_flags, invocation_docs
+from serverless_fixtures import (
+    ARCHS,
+    EMULATE_BUCKET,
+    experiment_flags,
+    invocation_docs,
+    terraform_outputs,
+)
 
 from flwr_kd import protocol
 from flwr_kd.cli import _parser, config_from_args, main
@@ -237,12 +243,7 @@ def stack(cloud_env, tmp_path_factory):
     with EmulatedStack(cfg, log_dir=tmp_path_factory.mktemp("stack-logs")) as emulated:
         dep = emulated.deployment()
         outputs = tmp_path_factory.mktemp("stack") / "outputs.json"
-        outputs.write_text(json.dumps({
-            "client_function_urls": {"value": {c.client_id: c.url for c in dep.clients}},
-            "client_architectures": {"value": {c.client_id: c.arch for c in dep.clients}},
-            "aggregator_function_urls": {"value": dep.aggregators},
-            "arrays_bucket": {"value": dep.bucket},
-        }))
+        outputs.write_text(json.dumps(terraform_outputs({c.client_id: (c.url, c.arch) for c in dep.clients}, dep.aggregators, dep.bucket)))
         yield outputs
 
 
