@@ -3,6 +3,7 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 EXTRAS  ?= dev,cloud
+LINT_PATHS := flwr_kd tests benchmarks cloud examples
 export FLWR_TELEMETRY_ENABLED = 0
 # checkov lives in its own venv: in .venv it would downgrade packages torch needs, and its
 # bc-python-hcl2 collides with python-hcl2. Pinned so new upstream checks cannot turn CI red.
@@ -30,11 +31,13 @@ demo: $(STAMP)
 		--rounds 5 --out runs/demo
 
 ## The whole test suite (starts and stops what it needs itself).
-test: $(STAMP) $(CHECKOV_STAMP)
+test: $(STAMP) $(CHECKOV_STAMP) lint
 	CHECKOV=$(CURDIR)/$(CHECKOV_VENV)/bin/checkov $(PY) -m pytest -q
 
+## ruff (pinned in the dev extra): lint and formatting, also run by `make test`.
 lint: $(STAMP)
-	$(VENV)/bin/ruff check flwr_kd tests
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
 
 clean:
 	rm -rf runs .pytest_cache

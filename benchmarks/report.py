@@ -8,9 +8,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {
-    "feddf_minus_fedavg": (">=", 0.0), "fedmd_minus_local_only": (">=", 0.10),
-    "aggregation_speedup_client_logits": (">=", 3.0), "fanout_speedup": (">=", 1.6),
-    "pretrain_speedup": (">=", 3.0), "framework_overhead": ("<=", 1.2),
+    "feddf_minus_fedavg": (">=", 0.0),
+    "fedmd_minus_local_only": (">=", 0.10),
+    "aggregation_speedup_client_logits": (">=", 3.0),
+    "fanout_speedup": (">=", 1.6),
+    "pretrain_speedup": (">=", 3.0),
+    "framework_overhead": ("<=", 1.2),
 }
 
 
@@ -56,7 +59,12 @@ def verdict(key: str, value) -> str:
 def write(mode: str) -> Path:
     out = ROOT / "benchmarks" / "results" / mode
     summary, acc, timing = load(out, "summary"), load(out, "accuracy"), load(out, "timing")
-    agg, pre, comm, sls = load(out, "aggregation"), load(out, "pretrain"), load(out, "communication"), load(out, "serverless")
+    agg, pre, comm, sls = (
+        load(out, "aggregation"),
+        load(out, "pretrain"),
+        load(out, "communication"),
+        load(out, "serverless"),
+    )
     cmd = "make bench" if mode == "full" else "make bench-quick"
     lines = [
         "# flwr-kd benchmarks",
@@ -99,7 +107,9 @@ def write(mode: str) -> Path:
         ]
         for alpha, row in acc["alphas"].items():
             m = row["mean"]
-            lines.append(f"| {alpha} | {m.get('local_only')} | {m.get('fedavg')} | {m.get('fedmd')} | {m.get('feddf')} | {m.get('transfer_only')} | {m.get('centralized')} |")
+            lines.append(
+                f"| {alpha} | {m.get('local_only')} | {m.get('fedavg')} | {m.get('fedmd')} | {m.get('feddf')} | {m.get('transfer_only')} | {m.get('centralized')} |"
+            )
         lines += ["", "Per architecture (final accuracy):", ""]
         for alpha, row in acc["alphas"].items():
             for method in ("local_only", "fedavg", "fedmd", "feddf", "centralized"):
@@ -117,7 +127,9 @@ def write(mode: str) -> Path:
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for r in timing["rounds"]:
-            lines.append(f"| {r['round']} | {r['wall']} | {r['client_compute_sum']} | {r['client_critical_path']} | {r['fedavg']} | {r['distill_critical_path']} | {r['evaluation']} | {r['critical_path']} | {r['overhead']} |")
+            lines.append(
+                f"| {r['round']} | {r['wall']} | {r['client_compute_sum']} | {r['client_critical_path']} | {r['fedavg']} | {r['distill_critical_path']} | {r['evaluation']} | {r['critical_path']} | {r['overhead']} |"
+            )
     if agg:
         s = agg["seconds"]
         lines += [
@@ -177,7 +189,9 @@ def write(mode: str) -> Path:
     if soak:
         rel = soak["reliability"]
         lines += [
-            "", "## Soak: faults injected and survived (emulated serverless)", "",
+            "",
+            "## Soak: faults injected and survived (emulated serverless)",
+            "",
             f"`{soak['command']}`: {soak['rounds_done']} of {soak['rounds']} rounds done in {soak['seconds']} s. "
             f"Faults injected into {rel['injected_total']} of {rel['attempts']} call attempts ({rel['injected']}); "
             f"{rel['retried_calls']} calls retried, {rel['taken_over']} taken over after their process died, "
@@ -188,7 +202,13 @@ def write(mode: str) -> Path:
         ]
     if acc.get("memory"):
         mem = acc["memory"]
-        lines += ["", "## Memory", "", f"Peak resident memory of the whole FedDF simulation (all processes): {mem['peak_total_mib']} MiB.", ""]
+        lines += [
+            "",
+            "## Memory",
+            "",
+            f"Peak resident memory of the whole FedDF simulation (all processes): {mem['peak_total_mib']} MiB.",
+            "",
+        ]
         lines += [f"- {k}: {v} MiB" for k, v in mem["peak_per_process_mib"].items()]
     path = ROOT / "benchmarks" / ("REPORT.md" if mode == "full" else f"REPORT-{mode}.md")
     path.write_text("\n".join(lines) + "\n")

@@ -27,16 +27,56 @@ CORES = os.cpu_count() or 1
 
 MODES = {
     "quick": dict(
-        dataset="digits", clients=6, alphas=[0.1, 100.0], rounds=2, archs="resnet10t,mobilenetv3_small_050,test_vit",
-        extra=["-c", "local-epochs=3", "-c", "distill-steps=60", "-c", "pretrain-epochs=10", "-c", "finetune-epochs=10"],
-        aggregation=dict(subset=440, steps=30, clients=6), emulate_rounds=1, emulate_clients=3, soak_rounds=10,
+        dataset="digits",
+        clients=6,
+        alphas=[0.1, 100.0],
+        rounds=2,
+        archs="resnet10t,mobilenetv3_small_050,test_vit",
+        extra=[
+            "-c",
+            "local-epochs=3",
+            "-c",
+            "distill-steps=60",
+            "-c",
+            "pretrain-epochs=10",
+            "-c",
+            "finetune-epochs=10",
+        ],
+        aggregation=dict(subset=440, steps=30, clients=6),
+        emulate_rounds=1,
+        emulate_clients=3,
+        soak_rounds=10,
     ),
     "full": dict(
-        dataset="fashion-mnist", clients=10, alphas=[0.1, 0.5, 100.0], rounds=4, archs="resnet10t,mobilenetv3_small_050,test_vit",
-        extra=["-c", "max-private=3000", "-c", "max-test=2000", "-c", "local-epochs=3", "-c", "distill-steps=80",
-               "-c", "subset-size=1000", "-c", "pretrain-epochs=3", "-c", "finetune-epochs=5", "-c", "digest-epochs=2",
-               "-c", "public-fraction=0.1"],
-        aggregation=dict(subset=3000, steps=60, clients=10), emulate_rounds=2, emulate_clients=4, soak_rounds=50,
+        dataset="fashion-mnist",
+        clients=10,
+        alphas=[0.1, 0.5, 100.0],
+        rounds=4,
+        archs="resnet10t,mobilenetv3_small_050,test_vit",
+        extra=[
+            "-c",
+            "max-private=3000",
+            "-c",
+            "max-test=2000",
+            "-c",
+            "local-epochs=3",
+            "-c",
+            "distill-steps=80",
+            "-c",
+            "subset-size=1000",
+            "-c",
+            "pretrain-epochs=3",
+            "-c",
+            "finetune-epochs=5",
+            "-c",
+            "digest-epochs=2",
+            "-c",
+            "public-fraction=0.1",
+        ],
+        aggregation=dict(subset=3000, steps=60, clients=10),
+        emulate_rounds=2,
+        emulate_clients=4,
+        soak_rounds=50,
     ),
 }
 
@@ -71,7 +111,11 @@ class MemorySampler:
                     except psutil.Error:
                         continue
                     total += rss
-                    kind = "ClientAppActor" if "ClientAppActor" in p.name() or "ray::ClientAppActor" in name else p.name()
+                    kind = (
+                        "ClientAppActor"
+                        if "ClientAppActor" in p.name() or "ray::ClientAppActor" in name
+                        else p.name()
+                    )
                     self.peak_per_process[kind] = max(self.peak_per_process.get(kind, 0), rss)
                 self.peak_total = max(self.peak_total, total)
             except psutil.Error:
@@ -82,7 +126,12 @@ class MemorySampler:
         self._stop.set()
         self._thread.join()
         mib = 1 / (1024 * 1024)
-        return {"peak_total_mib": round(self.peak_total * mib, 1), "peak_per_process_mib": {k: round(v * mib, 1) for k, v in sorted(self.peak_per_process.items())}}
+        return {
+            "peak_total_mib": round(self.peak_total * mib, 1),
+            "peak_per_process_mib": {
+                k: round(v * mib, 1) for k, v in sorted(self.peak_per_process.items())
+            },
+        }
 
 
 def flwr_kd(args: list[str], out: Path, memory: bool = False) -> tuple[dict, dict]:
@@ -126,36 +175,81 @@ def accuracy_section(mode: dict, out: Path) -> dict:
     memory: dict = {}
     for alpha in mode["alphas"]:
         for strategy in ("feddf", "fedmd", "fedavg"):
-            args = ["simulate", "--strategy", strategy, "--dataset", mode["dataset"], "--clients", str(mode["clients"]),
-                    "--alpha", str(alpha), "--rounds", str(mode["rounds"]), "--archs", mode["archs"], *mode["extra"]]
+            args = [
+                "simulate",
+                "--strategy",
+                strategy,
+                "--dataset",
+                mode["dataset"],
+                "--clients",
+                str(mode["clients"]),
+                "--alpha",
+                str(alpha),
+                "--rounds",
+                str(mode["rounds"]),
+                "--archs",
+                mode["archs"],
+                *mode["extra"],
+            ]
             if strategy != "feddf":
-                args.append("--no-baseline")  # local-only comes from the FedDF run: same data, same budget
+                args.append(
+                    "--no-baseline"
+                )  # local-only comes from the FedDF run: same data, same budget
             measure_memory = strategy == "feddf" and alpha == mode["alphas"][-1]
-            result, mem = flwr_kd(args, out / "runs" / f"{strategy}-alpha{alpha}", memory=measure_memory)
+            result, mem = flwr_kd(
+                args, out / "runs" / f"{strategy}-alpha{alpha}", memory=measure_memory
+            )
             runs[f"{strategy}/{alpha}"] = result
             if mem:
                 memory = mem
     # centralized upper bound: each architecture on the pooled private data
     centralized = {}
-    cfg = ExperimentConfig.from_run_config({"dataset": mode["dataset"], "num-clients": mode["clients"], "archs": mode["archs"],
-                                            **_extra_config(mode)})
+    cfg = ExperimentConfig.from_run_config(
+        {
+            "dataset": mode["dataset"],
+            "num-clients": mode["clients"],
+            "archs": mode["archs"],
+            **_extra_config(mode),
+        }
+    )
     data = load_federated(cfg.data_spec)
     with ProcessFanOut() as fanout:
-        tasks = [LocalTrainTask(arch, data.model_spec, data.private_x, data.private_y, data.test_x, data.test_y,
-                                epochs=cfg.local_budget_epochs, batch_size=64, seed=0) for arch in cfg.arch_list]
+        tasks = [
+            LocalTrainTask(
+                arch,
+                data.model_spec,
+                data.private_x,
+                data.private_y,
+                data.test_x,
+                data.test_y,
+                epochs=cfg.local_budget_epochs,
+                batch_size=64,
+                seed=0,
+            )
+            for arch in cfg.arch_list
+        ]
         for o in fanout.map(run_local_train_task, tasks):
             centralized[o.arch] = round(o.accuracy, 4)
     table = {}
     for alpha in mode["alphas"]:
         feddf = runs[f"feddf/{alpha}"]
-        row = {s: runs[f"{s}/{alpha}"]["rounds"][-1]["accuracy"] for s in ("feddf", "fedmd", "fedavg")}
+        row = {
+            s: runs[f"{s}/{alpha}"]["rounds"][-1]["accuracy"] for s in ("feddf", "fedmd", "fedavg")
+        }
         row["local_only"] = feddf["baselines"]["local_only"]
         row["transfer_only"] = runs[f"fedmd/{alpha}"]["baselines"].get("transfer_only", {})
         row["centralized"] = centralized
         row["mean"] = {k: round(float(np.mean(list(v.values()))), 4) for k, v in row.items() if v}
-        row["curves"] = {s: [r["mean_accuracy"] for r in runs[f"{s}/{alpha}"]["rounds"]] for s in ("feddf", "fedmd", "fedavg")}
+        row["curves"] = {
+            s: [r["mean_accuracy"] for r in runs[f"{s}/{alpha}"]["rounds"]]
+            for s in ("feddf", "fedmd", "fedavg")
+        }
         table[str(alpha)] = row
-    data_out = {"config": {k: v for k, v in mode.items() if k != "aggregation"}, "alphas": table, "memory": memory}
+    data_out = {
+        "config": {k: v for k, v in mode.items() if k != "aggregation"},
+        "alphas": table,
+        "memory": memory,
+    }
     save(out, "accuracy", data_out)
     _plot_accuracy(table, out / "accuracy.png")
     return {"runs": runs, "table": table, "memory": memory}
@@ -184,7 +278,9 @@ def _plot_accuracy(table: dict, path: Path) -> None:
             curve = table[alpha]["curves"][s]
             ax.plot(range(1, len(curve) + 1), curve, "o-", color=color, label=s)
         for name, style in (("local_only", "--"), ("centralized", ":")):
-            ax.axhline(table[alpha]["mean"][name], ls=style, color="gray", label=name.replace("_", "-"))
+            ax.axhline(
+                table[alpha]["mean"][name], ls=style, color="gray", label=name.replace("_", "-")
+            )
         ax.set(title=f"alpha={alpha}", xlabel="round", ylabel="mean test accuracy", ylim=(0, 1))
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
@@ -192,8 +288,15 @@ def _plot_accuracy(table: dict, path: Path) -> None:
     names = ["local_only", "fedavg", "fedmd", "feddf", "centralized"]
     width = 0.8 / len(alphas)
     for i, alpha in enumerate(alphas):
-        ax.bar(np.arange(len(names)) + i * width, [table[alpha]["mean"].get(n, 0) for n in names], width, label=f"alpha={alpha}")
-    ax.set_xticks(np.arange(len(names)) + width * (len(alphas) - 1) / 2, names, rotation=30, fontsize=8)
+        ax.bar(
+            np.arange(len(names)) + i * width,
+            [table[alpha]["mean"].get(n, 0) for n in names],
+            width,
+            label=f"alpha={alpha}",
+        )
+    ax.set_xticks(
+        np.arange(len(names)) + width * (len(alphas) - 1) / 2, names, rotation=30, fontsize=8
+    )
     ax.set(title="final mean accuracy", ylim=(0, 1))
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -212,15 +315,29 @@ def timing_section(acc: dict, mode: dict, out: Path) -> dict:
         client_path = max(max(compute, default=0), sum(compute) / CORES)
         distill_path = max(max(distill, default=0), sum(distill) / CORES)
         critical = client_path + r["time"].get("fedavg", 0) + distill_path
-        rounds.append({
-            "round": r["round"], "wall": r["seconds"], "client_compute_sum": round(sum(compute), 3),
-            "client_critical_path": round(client_path, 3), "fedavg": r["time"].get("fedavg", 0),
-            "distill_critical_path": round(distill_path, 3), "evaluation": r.get("eval_seconds", 0),
-            "critical_path": round(critical, 3), "overhead": round(r["seconds"] / critical, 3) if critical else None,
-        })
-    overhead = float(np.mean([r["overhead"] for r in rounds if r["overhead"]])) if rounds else float("nan")
-    data = {"run": f"feddf alpha={alpha}", "cores": CORES, "rounds": rounds, "framework_overhead": round(overhead, 3),
-            "note": "critical path on this machine's cores: max(longest task, total compute / cores) for clients and for distillation, plus FedAvg"}
+        rounds.append(
+            {
+                "round": r["round"],
+                "wall": r["seconds"],
+                "client_compute_sum": round(sum(compute), 3),
+                "client_critical_path": round(client_path, 3),
+                "fedavg": r["time"].get("fedavg", 0),
+                "distill_critical_path": round(distill_path, 3),
+                "evaluation": r.get("eval_seconds", 0),
+                "critical_path": round(critical, 3),
+                "overhead": round(r["seconds"] / critical, 3) if critical else None,
+            }
+        )
+    overhead = (
+        float(np.mean([r["overhead"] for r in rounds if r["overhead"]])) if rounds else float("nan")
+    )
+    data = {
+        "run": f"feddf alpha={alpha}",
+        "cores": CORES,
+        "rounds": rounds,
+        "framework_overhead": round(overhead, 3),
+        "note": "critical path on this machine's cores: max(longest task, total compute / cores) for clients and for distillation, plus FedAvg",
+    }
     save(out, "timing", data)
     return data
 
@@ -236,7 +353,9 @@ def aggregation_section(mode: dict, out: Path) -> dict:
 
     cfg = mode["aggregation"]
     archs = mode["archs"].split(",")
-    data = load_federated(DataSpec(dataset=mode["dataset"], num_partitions=cfg["clients"], alpha=0.5))
+    data = load_federated(
+        DataSpec(dataset=mode["dataset"], num_partitions=cfg["clients"], alpha=0.5)
+    )
     x = data.public_x[: cfg["subset"]]
     clients = []
     for i in range(cfg["clients"]):
@@ -246,9 +365,21 @@ def aggregation_section(mode: dict, out: Path) -> dict:
     dc = DistillConfig(steps=cfg["steps"], patience=10**9)  # fixed work: no early stop
 
     def tasks(server_side: bool):
-        return [DistillTask(arch, data.model_spec, dict(clients[i][1]), x, data.val_x, data.val_y, dc,
-                            teacher_logits=None if server_side else teacher, teacher_models=clients if server_side else [], seed=i)
-                for i, arch in enumerate(archs)]
+        return [
+            DistillTask(
+                arch,
+                data.model_spec,
+                dict(clients[i][1]),
+                x,
+                data.val_x,
+                data.val_y,
+                dc,
+                teacher_logits=None if server_side else teacher,
+                teacher_models=clients if server_side else [],
+                seed=i,
+            )
+            for i, arch in enumerate(archs)
+        ]
 
     timings = {}
     # "serial" is one worker process running the k tasks one after another with all the cores'
@@ -256,14 +387,23 @@ def aggregation_section(mode: dict, out: Path) -> dict:
     with ProcessFanOut() as parallel, ProcessFanOut(max_workers=1) as serial:
         for fanout in (parallel, serial):  # start the workers before timing
             fanout.map(run_distill_task, tasks(False)[:2])
-        for name, fanout, server_side in (("clients_parallel", parallel, False), ("server_parallel", parallel, True),
-                                          ("clients_serial", serial, False)):
+        for name, fanout, server_side in (
+            ("clients_parallel", parallel, False),
+            ("server_parallel", parallel, True),
+            ("clients_serial", serial, False),
+        ):
             t0 = time.perf_counter()
             fanout.map(run_distill_task, tasks(server_side))
             timings[name] = round(time.perf_counter() - t0, 3)
     data_out = {
-        "subset": cfg["subset"], "clients": cfg["clients"], "architectures": archs, "distill_steps": cfg["steps"], "seconds": timings,
-        "aggregation_speedup_client_logits": round(timings["server_parallel"] / timings["clients_parallel"], 3),
+        "subset": cfg["subset"],
+        "clients": cfg["clients"],
+        "architectures": archs,
+        "distill_steps": cfg["steps"],
+        "seconds": timings,
+        "aggregation_speedup_client_logits": round(
+            timings["server_parallel"] / timings["clients_parallel"], 3
+        ),
         "fanout_speedup": round(timings["clients_serial"] / timings["clients_parallel"], 3),
         "teacher_logits_bytes_float16": int(average_logits([teacher]).astype(np.float16).nbytes),
     }
@@ -280,21 +420,62 @@ def pretrain_section(mode: dict, out: Path) -> dict:
 
     archs = mode["archs"].split(",")
     extra = _extra_config(mode)
-    data = load_federated(DataSpec(dataset=mode["dataset"], num_partitions=mode["clients"], alpha=0.5,
-                                   public_fraction=float(extra.get("public-fraction", 0.25))))
+    data = load_federated(
+        DataSpec(
+            dataset=mode["dataset"],
+            num_partitions=mode["clients"],
+            alpha=0.5,
+            public_fraction=float(extra.get("public-fraction", 0.25)),
+        )
+    )
     pc = PretrainConfig(epochs=max(1, int(extra.get("pretrain-epochs", 20)) // 2))
     initial = {a: state_to_numpy(create_model(a, data.model_spec)) for a in archs}
     client_archs = [archs[i % len(archs)] for i in range(mode["clients"])]
     import tempfile
 
     with ProcessFanOut() as fanout, tempfile.TemporaryDirectory() as cache:
-        per_client_seconds(client_archs[:2], initial, data.model_spec, data.public_x[:64], data.public_y[:64],
-                           data.val_x, data.val_y, PretrainConfig(epochs=1), fanout)  # start the workers before timing
-        _, report = transfer_learning(initial, data.model_spec, data.public_x, data.public_y, data.val_x, data.val_y, pc, fanout, Path(cache))
-        per_client = per_client_seconds(client_archs, initial, data.model_spec, data.public_x, data.public_y, data.val_x, data.val_y, pc, fanout)
-    data_out = {"architectures": archs, "clients": mode["clients"], "public_samples": int(len(data.public_x)), "epochs": pc.epochs,
-                "unique_parallel_seconds": round(report.seconds, 2), "per_client_seconds": round(per_client, 2),
-                "pretrain_speedup": round(per_client / report.seconds, 3)}
+        per_client_seconds(
+            client_archs[:2],
+            initial,
+            data.model_spec,
+            data.public_x[:64],
+            data.public_y[:64],
+            data.val_x,
+            data.val_y,
+            PretrainConfig(epochs=1),
+            fanout,
+        )  # start the workers before timing
+        _, report = transfer_learning(
+            initial,
+            data.model_spec,
+            data.public_x,
+            data.public_y,
+            data.val_x,
+            data.val_y,
+            pc,
+            fanout,
+            Path(cache),
+        )
+        per_client = per_client_seconds(
+            client_archs,
+            initial,
+            data.model_spec,
+            data.public_x,
+            data.public_y,
+            data.val_x,
+            data.val_y,
+            pc,
+            fanout,
+        )
+    data_out = {
+        "architectures": archs,
+        "clients": mode["clients"],
+        "public_samples": int(len(data.public_x)),
+        "epochs": pc.epochs,
+        "unique_parallel_seconds": round(report.seconds, 2),
+        "per_client_seconds": round(per_client, 2),
+        "pretrain_speedup": round(per_client / report.seconds, 3),
+    }
     save(out, "pretrain", data_out)
     return data_out
 
@@ -307,18 +488,45 @@ def communication_section(acc: dict, mode: dict, out: Path) -> dict:
         r = acc["runs"][f"{s}/{alpha}"]
         rows = r["rounds"]
         per_strategy[s] = {
-            "down_per_client": int(np.mean([x["bytes"]["down"] / max(1, x["replies"]) for x in rows])),
+            "down_per_client": int(
+                np.mean([x["bytes"]["down"] / max(1, x["replies"]) for x in rows])
+            ),
             "up_per_client": int(np.mean([x["bytes"]["up"] / max(1, x["replies"]) for x in rows])),
         }
-    args = ["simulate", "--strategy", "feddf", "--dataset", mode["dataset"], "--clients", str(mode["clients"]), "--alpha", str(alpha),
-            "--rounds", str(mode["rounds"]), "--archs", mode["archs"], "--no-baseline", "--logits-dtype", "float32", *mode["extra"]]
+    args = [
+        "simulate",
+        "--strategy",
+        "feddf",
+        "--dataset",
+        mode["dataset"],
+        "--clients",
+        str(mode["clients"]),
+        "--alpha",
+        str(alpha),
+        "--rounds",
+        str(mode["rounds"]),
+        "--archs",
+        mode["archs"],
+        "--no-baseline",
+        "--logits-dtype",
+        "float32",
+        *mode["extra"],
+    ]
     f32, _ = flwr_kd(args, out / "runs" / f"feddf-float32-alpha{alpha}")
     f16 = acc["runs"][f"feddf/{alpha}"]
     data_out = {
-        "alpha": alpha, "bytes": per_strategy,
-        "logits_float16": {"mean_accuracy": round(mean_final(f16), 4), "up_per_client": per_strategy["feddf"]["up_per_client"]},
-        "logits_float32": {"mean_accuracy": round(mean_final(f32), 4),
-                           "up_per_client": int(np.mean([x["bytes"]["up"] / max(1, x["replies"]) for x in f32["rounds"]]))},
+        "alpha": alpha,
+        "bytes": per_strategy,
+        "logits_float16": {
+            "mean_accuracy": round(mean_final(f16), 4),
+            "up_per_client": per_strategy["feddf"]["up_per_client"],
+        },
+        "logits_float32": {
+            "mean_accuracy": round(mean_final(f32), 4),
+            "up_per_client": int(
+                np.mean([x["bytes"]["up"] / max(1, x["replies"]) for x in f32["rounds"]])
+            ),
+        },
     }
     save(out, "communication", data_out)
     return data_out
@@ -332,8 +540,22 @@ def serverless_section(mode: dict, out: Path) -> dict:
 
     results = {}
     for strategy in ("feddf", "fedmd"):
-        args = ["cloud", "emulate", "--strategy", strategy, "--dataset", mode["dataset"], "--clients", str(mode["emulate_clients"]),
-                "--rounds", str(mode["emulate_rounds"]), "--archs", mode["archs"], "--no-baseline", *mode["extra"]]
+        args = [
+            "cloud",
+            "emulate",
+            "--strategy",
+            strategy,
+            "--dataset",
+            mode["dataset"],
+            "--clients",
+            str(mode["emulate_clients"]),
+            "--rounds",
+            str(mode["emulate_rounds"]),
+            "--archs",
+            mode["archs"],
+            "--no-baseline",
+            *mode["extra"],
+        ]
         r, _ = flwr_kd(args, out / "runs" / f"emulate-{strategy}")
         calls_per_round = {k: v for k, v in r["serverless"]["invocations"].items()}
         results[strategy] = {
@@ -344,7 +566,13 @@ def serverless_section(mode: dict, out: Path) -> dict:
             "aggregator_calls": len(r["serverless"]["aggregator_calls"]),
         }
     # cold vs warm: a fresh function process (start + import) vs a warm request
-    env = {**os.environ, "FLWR_KD_BUCKET": "b", "FLWR_KD_ARCH": "resnet10t", "FLWR_KD_CLIENT_ID": "c", "FLWR_KD_DATA_PREFIX": "p/"}
+    env = {
+        **os.environ,
+        "FLWR_KD_BUCKET": "b",
+        "FLWR_KD_ARCH": "resnet10t",
+        "FLWR_KD_CLIENT_ID": "c",
+        "FLWR_KD_DATA_PREFIX": "p/",
+    }
     t0 = time.perf_counter()
     fn = FunctionProcess(ROOT / "cloud" / "main.py", "client", env, "cold-start")
     cold = time.perf_counter() - t0
@@ -374,9 +602,35 @@ def soak_section(mode: dict, out: Path) -> dict:
     from flwr_kd.serverless.roundstore import RoundStore
 
     rounds, run = mode["soak_rounds"], f"soak-{int(time.time())}"
-    args = ["cloud", "emulate", "--strategy", "feddf", "--dataset", "digits", "--clients", "6", "--rounds", str(rounds),
-            "--fail-rate", "0.3", "--local-epochs", "1", "--distill-steps", "5", "--no-baseline", "--min-replies", "1",
-            "-c", "max-private=120", "-c", "subset-size=100", "-c", "fail-hang-seconds=2", "--run-id", run]
+    args = [
+        "cloud",
+        "emulate",
+        "--strategy",
+        "feddf",
+        "--dataset",
+        "digits",
+        "--clients",
+        "6",
+        "--rounds",
+        str(rounds),
+        "--fail-rate",
+        "0.3",
+        "--local-epochs",
+        "1",
+        "--distill-steps",
+        "5",
+        "--no-baseline",
+        "--min-replies",
+        "1",
+        "-c",
+        "max-private=120",
+        "-c",
+        "subset-size=100",
+        "-c",
+        "fail-hang-seconds=2",
+        "--run-id",
+        run,
+    ]
     logs = out / "runs" / "soak-emulators"
     logs.mkdir(parents=True, exist_ok=True)
     with ExitStack() as emulators:  # the run's records outlive `cloud emulate`, for the audit
@@ -389,7 +643,9 @@ def soak_section(mode: dict, out: Path) -> dict:
         cfg = config_from_args(_parser().parse_args(args))
         data = load_federated(cfg.data_spec)
         final = GcsArrayStore("flwr-kd-arrays").get(f"runs/{run}/rounds/{rounds}/global.npz")
-        reevaluated = ServerTestScore(cfg.arch_list, data.model_spec, data.test_x, data.test_y)(rounds, state_to_record(final))
+        reevaluated = ServerTestScore(cfg.arch_list, data.model_spec, data.test_x, data.test_y)(
+            rounds, state_to_record(final)
+        )
     rel = result["serverless"]["reliability"]
     results = {
         "command": "flwr-kd " + " ".join(args),
@@ -398,7 +654,9 @@ def soak_section(mode: dict, out: Path) -> dict:
         "seconds": round(seconds, 1),
         "reliability": rel,
         "replies_per_round": [row["replies"] for row in result["rounds"]],
-        "left_out": [{"round": row["round"], **d} for row in result["rounds"] for d in row["dropped"]],
+        "left_out": [
+            {"round": row["round"], **d} for row in result["rounds"] for d in row["dropped"]
+        ],
         "audit_problems": problems,
         "final_accuracy_reported": result["rounds"][-1]["accuracy"],
         "final_accuracy_reloaded": reevaluated,
@@ -408,9 +666,13 @@ def soak_section(mode: dict, out: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--mode", choices=sorted(MODES), default="quick")
-    parser.add_argument("--sections", default="accuracy,aggregation,pretrain,communication,serverless,soak")
+    parser.add_argument(
+        "--sections", default="accuracy,aggregation,pretrain,communication,serverless,soak"
+    )
     args = parser.parse_args()
     mode = MODES[args.mode]
     out = ROOT / "benchmarks" / "results" / args.mode
@@ -419,13 +681,21 @@ def main() -> None:
     sections = args.sections.split(",")
     t0 = time.perf_counter()
     previous = out / "summary.json"  # a run of some sections updates the others' figures
-    summary: dict = {**(json.loads(previous.read_text()) if previous.exists() else {}), "mode": args.mode, "cores": CORES}
+    summary: dict = {
+        **(json.loads(previous.read_text()) if previous.exists() else {}),
+        "mode": args.mode,
+        "cores": CORES,
+    }
     if "accuracy" in sections:
         acc = accuracy_section(mode, out)
         table = acc["table"]
         low, mid = str(mode["alphas"][0]), str(mode["alphas"][len(mode["alphas"]) // 2])
-        summary[f"feddf_minus_fedavg_alpha{mode['alphas'][0]}"] = round(table[low]["mean"]["feddf"] - table[low]["mean"]["fedavg"], 4)
-        summary["fedmd_minus_local_only"] = round(table[mid]["mean"]["fedmd"] - table[mid]["mean"]["local_only"], 4)
+        summary[f"feddf_minus_fedavg_alpha{mode['alphas'][0]}"] = round(
+            table[low]["mean"]["feddf"] - table[low]["mean"]["fedavg"], 4
+        )
+        summary["fedmd_minus_local_only"] = round(
+            table[mid]["mean"]["fedmd"] - table[mid]["mean"]["local_only"], 4
+        )
         summary["framework_overhead"] = timing_section(acc, mode, out)["framework_overhead"]
         summary["peak_memory_mib"] = acc["memory"].get("peak_total_mib")
         if "communication" in sections:
@@ -443,7 +713,11 @@ def main() -> None:
         summary["soak_rounds_done"] = f"{soak['rounds_done']}/{soak['rounds']}"
         summary["soak_faults_injected"] = soak["reliability"]["injected_total"]
         summary["soak_audit_problems"] = len(soak["audit_problems"])
-    summary["seconds" if set(sections) >= {"accuracy", "aggregation", "pretrain"} else f"seconds_{'_'.join(sections)}"] = round(time.perf_counter() - t0, 1)
+    summary[
+        "seconds"
+        if set(sections) >= {"accuracy", "aggregation", "pretrain"}
+        else f"seconds_{'_'.join(sections)}"
+    ] = round(time.perf_counter() - t0, 1)
     save(out, "summary", summary)
     if args.mode == "full":
         save(ROOT / "benchmarks" / "results", "summary", summary)

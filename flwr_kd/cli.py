@@ -34,15 +34,33 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--outputs", help="file with `terraform output -json`")
     run.add_argument("--project", help="find the functions with the Cloud Functions API instead")
     run.add_argument("--region", help="with --project")
-    run.add_argument("--name-prefix", default="flwr-kd", help="with --project: terraform's name_prefix")
+    run.add_argument(
+        "--name-prefix", default="flwr-kd", help="with --project: terraform's name_prefix"
+    )
     run.add_argument("--no-auth", action="store_true", help="send no ID token (for local URLs)")
-    run.add_argument("--skip-active-check", action="store_true", help="do not ask the Cloud Functions API whether every function is ACTIVE")
-    cloud.add_parser("emulators", help="start fake-gcs-server and the Firestore emulator until Ctrl-C; prints their environment")
-    audit = cloud.add_parser("audit", help="check that a run's records are complete (rounds, calls, verdicts, models)")
+    run.add_argument(
+        "--skip-active-check",
+        action="store_true",
+        help="do not ask the Cloud Functions API whether every function is ACTIVE",
+    )
+    cloud.add_parser(
+        "emulators",
+        help="start fake-gcs-server and the Firestore emulator until Ctrl-C; prints their environment",
+    )
+    audit = cloud.add_parser(
+        "audit", help="check that a run's records are complete (rounds, calls, verdicts, models)"
+    )
     audit.add_argument("run_id", metavar="RUN")
-    audit.add_argument("--outputs", help="file with `terraform output -json` (default: the emulators named by STORAGE_EMULATOR_HOST and FIRESTORE_EMULATOR_HOST)")
-    audit.add_argument("--bucket", default="flwr-kd-arrays", help="arrays bucket, without --outputs")
-    audit.add_argument("--database", default="(default)", help="Firestore database, without --outputs")
+    audit.add_argument(
+        "--outputs",
+        help="file with `terraform output -json` (default: the emulators named by STORAGE_EMULATOR_HOST and FIRESTORE_EMULATOR_HOST)",
+    )
+    audit.add_argument(
+        "--bucket", default="flwr-kd-arrays", help="arrays bucket, without --outputs"
+    )
+    audit.add_argument(
+        "--database", default="(default)", help="Firestore database, without --outputs"
+    )
     return parser
 
 
@@ -68,16 +86,38 @@ def _experiment_flags(sim: argparse.ArgumentParser) -> None:
     sim.add_argument("--teacher", default=d.teacher, help="clients (logits from clients) or server")
     sim.add_argument("--logits-dtype", default=d.logits_dtype)
     sim.add_argument("--fanout", default=d.fanout, help="process (parallel) or serial")
-    sim.add_argument("--min-replies", type=int, default=d.min_replies, help="valid replies a round needs")
-    sim.add_argument("--round-timeout", type=float, default=d.round_timeout, help="seconds before stragglers are cut (0: 3600)")
-    sim.add_argument("--fail-rate", type=float, default=d.fail_rate, help="inject faults into this share of client calls (off: 0)")
-    sim.add_argument("--fail-kinds", default=d.fail_kinds, help="fault kinds, comma-separated (see flwr_kd.faults)")
     sim.add_argument(
-        "-c", "--run-config", action="append", default=[], metavar="KEY=VALUE",
+        "--min-replies", type=int, default=d.min_replies, help="valid replies a round needs"
+    )
+    sim.add_argument(
+        "--round-timeout",
+        type=float,
+        default=d.round_timeout,
+        help="seconds before stragglers are cut (0: 3600)",
+    )
+    sim.add_argument(
+        "--fail-rate",
+        type=float,
+        default=d.fail_rate,
+        help="inject faults into this share of client calls (off: 0)",
+    )
+    sim.add_argument(
+        "--fail-kinds",
+        default=d.fail_kinds,
+        help="fault kinds, comma-separated (see flwr_kd.faults)",
+    )
+    sim.add_argument(
+        "-c",
+        "--run-config",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="any other run-config key (see flwr_kd.experiment), repeatable",
     )
     sim.add_argument("--no-baseline", action="store_true", help="skip the local-only baseline")
-    sim.add_argument("--out", default="runs/latest", help="directory for result.json and accuracy.png")
+    sim.add_argument(
+        "--out", default="runs/latest", help="directory for result.json and accuracy.png"
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
@@ -154,7 +194,9 @@ def _cloud(args: argparse.Namespace, cfg: ExperimentConfig) -> int:
     logging.getLogger("flwr").setLevel(logging.WARNING)
     from flwr_kd.serverless.grid import GridOptions, google_id_token_auth
 
-    options = GridOptions(max_concurrency=args.max_concurrency, call_timeout=args.call_timeout, retries=args.retries)
+    options = GridOptions(
+        max_concurrency=args.max_concurrency, call_timeout=args.call_timeout, retries=args.retries
+    )
     run_id = args.resume or args.run_id
     if args.cloud_command == "emulate":
         from flwr_kd.serverless.emulate import emulate
@@ -175,19 +217,34 @@ def _cloud(args: argparse.Namespace, cfg: ExperimentConfig) -> int:
         elif project and region:
             deployment = discover(project, region, args.name_prefix)
         else:
-            print("flwr-kd: error: cloud run needs --outputs (terraform output -json) or --project and --region", file=sys.stderr)
+            print(
+                "flwr-kd: error: cloud run needs --outputs (terraform output -json) or --project and --region",
+                file=sys.stderr,
+            )
             return 2
         if not args.skip_active_check:
             if not (project and region):
-                raise DeploymentError("cannot check the functions are ACTIVE without project and region (or pass --skip-active-check)")
-            check_active(project, region, [c.url for c in deployment.clients] + list(deployment.aggregators.values()))
+                raise DeploymentError(
+                    "cannot check the functions are ACTIVE without project and region (or pass --skip-active-check)"
+                )
+            check_active(
+                project,
+                region,
+                [c.url for c in deployment.clients] + list(deployment.aggregators.values()),
+            )
     except (OSError, ValueError, KeyError, DeploymentError) as exc:
         print(f"flwr-kd: error: {exc}", file=sys.stderr)
         return 2
     options.auth = None if args.no_auth else google_id_token_auth()
     import uuid
 
-    drive(cfg, deployment, run_id or f"run-{uuid.uuid4().hex[:8]}", resume=bool(args.resume), options=options)
+    drive(
+        cfg,
+        deployment,
+        run_id or f"run-{uuid.uuid4().hex[:8]}",
+        resume=bool(args.resume),
+        options=options,
+    )
     return 0
 
 
@@ -207,11 +264,15 @@ def _audit(args: argparse.Namespace) -> int:
             bucket, database = deployment.bucket, deployment.firestore_database
         problems = audit_run(args.run_id, RoundStore(database=database), GcsArrayStore(bucket))
     except (OSError, ValueError, KeyError) as exc:
-        print(f"flwr-kd: error: {exc.args[0] if isinstance(exc, KeyError) else exc}", file=sys.stderr)
+        print(
+            f"flwr-kd: error: {exc.args[0] if isinstance(exc, KeyError) else exc}", file=sys.stderr
+        )
         return 2
     for problem in problems:
         print(f"  {problem}")
-    print(f"run {args.run_id}: " + (f"{len(problems)} problem(s)" if problems else "records complete"))
+    print(
+        f"run {args.run_id}: " + (f"{len(problems)} problem(s)" if problems else "records complete")
+    )
     return 1 if problems else 0
 
 

@@ -68,7 +68,9 @@ class DataSpec:
     @classmethod
     def from_config(cls, config: dict) -> DataSpec:
         values = {
-            k[len("data-"):].replace("-", "_"): v for k, v in config.items() if k.startswith("data-")
+            k[len("data-") :].replace("-", "_"): v
+            for k, v in config.items()
+            if k.startswith("data-")
         }
         values["alpha"] = float(values.get("alpha", 0.5)) or None
         return cls(**values)
@@ -90,7 +92,9 @@ class FederatedData:
     private_y: np.ndarray
     partitions: list[np.ndarray]  # indices into private_x, one array per client
 
-    def client_data(self, partition_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def client_data(
+        self, partition_id: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(train_x, train_y, holdout_x, holdout_y) of one client's private partition."""
         if not 0 <= partition_id < len(self.partitions):
             raise DataError(
@@ -101,7 +105,12 @@ class FederatedData:
         idx = idx[rng.permutation(len(idx))]
         n_hold = int(round(len(idx) * CLIENT_HOLDOUT_FRACTION)) if len(idx) >= 5 else 0
         hold, train = idx[:n_hold], idx[n_hold:]
-        return self.private_x[train], self.private_y[train], self.private_x[hold], self.private_y[hold]
+        return (
+            self.private_x[train],
+            self.private_y[train],
+            self.private_x[hold],
+            self.private_y[hold],
+        )
 
 
 # ---------------------------------------------------------------------------- raw loading

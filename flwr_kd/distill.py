@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from flwr_kd.training import batches, evaluate
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+def kd_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
+) -> torch.Tensor:
     """KL(teacher || student) of temperature-softened distributions, scaled by T^2 so that
     gradients keep their magnitude across temperatures (Hinton et al. 2015)."""
     t = temperature

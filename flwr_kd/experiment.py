@@ -77,12 +77,16 @@ class ExperimentConfig:
         values = {}
         for key, value in run_config.items():
             if key not in known:
-                raise ConfigError(f"unknown run-config key '{key}'; known: {', '.join(sorted(known))}")
+                raise ConfigError(
+                    f"unknown run-config key '{key}'; known: {', '.join(sorted(known))}"
+                )
             field = known[key]
             try:
                 values[field.name] = _coerce(field.type, value)
             except (TypeError, ValueError):
-                raise ConfigError(f"run-config '{key}' must be {field.type}, got {value!r}") from None
+                raise ConfigError(
+                    f"run-config '{key}' must be {field.type}, got {value!r}"
+                ) from None
         config = cls(**values)
         config.validate()
         return config
@@ -135,8 +139,13 @@ class ExperimentConfig:
             "batch-size": self.batch_size,
             "lr": self.lr,
             **(
-                {"fail-rate": self.fail_rate, "fail-kinds": self.fail_kinds, "fail-hang-seconds": self.fail_hang_seconds}
-                if self.fail_rate > 0 else {}
+                {
+                    "fail-rate": self.fail_rate,
+                    "fail-kinds": self.fail_kinds,
+                    "fail-hang-seconds": self.fail_hang_seconds,
+                }
+                if self.fail_rate > 0
+                else {}
             ),
         }
 
@@ -145,7 +154,9 @@ class ExperimentConfig:
     def validate(self) -> None:
         """Raise ConfigError (or DataError / UnknownArchitectureError) naming the problem."""
         if self.strategy not in STRATEGIES:
-            raise ConfigError(f"unknown strategy '{self.strategy}': choose one of {', '.join(STRATEGIES)}")
+            raise ConfigError(
+                f"unknown strategy '{self.strategy}': choose one of {', '.join(STRATEGIES)}"
+            )
         self.data_spec  # noqa: B018 - DataSpec validates clients, alpha and dataset name
         if self.alpha < 0:
             raise ConfigError(f"alpha must be > 0 (or 0 for IID), got {self.alpha}")
@@ -156,8 +167,15 @@ class ExperimentConfig:
         for arch in self.arch_list:
             check_architecture(arch)
         positive = (
-            "local_epochs", "batch_size", "distill_batch_size", "distill_steps", "pretrain_epochs",
-            "finetune_epochs", "digest_epochs", "digest_batch_size", "revisit_epochs",
+            "local_epochs",
+            "batch_size",
+            "distill_batch_size",
+            "distill_steps",
+            "pretrain_epochs",
+            "finetune_epochs",
+            "digest_epochs",
+            "digest_batch_size",
+            "revisit_epochs",
         )
         for name in positive:
             if getattr(self, name) < (0 if name in ("distill_steps", "revisit_epochs") else 1):

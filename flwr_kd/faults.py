@@ -70,14 +70,25 @@ class FaultPlan:
         rate = float(config.get("fail-rate", 0.0))
         kinds = parse_kinds(str(config.get("fail-kinds", "")))
         if not kinds:
-            kinds = FAILURES if serverless else tuple(k for k in FAILURES if k not in SERVERLESS_ONLY)
-        return cls(rate, kinds, float(config.get("fail-hang-seconds", 10.0)), int(config.get("data-seed", 0)))
+            kinds = (
+                FAILURES if serverless else tuple(k for k in FAILURES if k not in SERVERLESS_ONLY)
+            )
+        return cls(
+            rate,
+            kinds,
+            float(config.get("fail-hang-seconds", 10.0)),
+            int(config.get("data-seed", 0)),
+        )
 
-    def draw(self, server_round: int, client: str, message_type: str, attempt: int = 1) -> str | None:
+    def draw(
+        self, server_round: int, client: str, message_type: str, attempt: int = 1
+    ) -> str | None:
         """The fault for this call, or None."""
         if self.rate <= 0 or server_round < 1 or message_type not in FAULTABLE:
             return None
-        digest = hashlib.sha256(f"{self.seed}|{server_round}|{client}|{message_type}|{attempt}".encode()).digest()
+        digest = hashlib.sha256(
+            f"{self.seed}|{server_round}|{client}|{message_type}|{attempt}".encode()
+        ).digest()
         if int.from_bytes(digest[:8], "big") / 2**64 >= self.rate:
             return None
         return self.kinds[int.from_bytes(digest[8:16], "big") % len(self.kinds)]
@@ -116,12 +127,18 @@ def corrupt_reply(reply: Message, kind: str) -> None:
         value = value.astype(value.dtype if value.dtype.kind == "f" else np.float32).copy()
         value.reshape(-1)[0] = np.nan
     elif kind in ("shape", "subset"):
-        value = value[:-1] if value.ndim > 0 and len(value) > 1 else np.zeros((2,) * (value.ndim + 1), value.dtype)
+        value = (
+            value[:-1]
+            if value.ndim > 0 and len(value) > 1
+            else np.zeros((2,) * (value.ndim + 1), value.dtype)
+        )
     elif kind == "dtype":
         value = value.astype(np.int32)
     else:
         raise ValueError(f"'{kind}' does not corrupt a reply's arrays")
-    record = ArrayRecord({**{k: record[k] for k in record}, key: Array(np.ascontiguousarray(value))})
+    record = ArrayRecord(
+        {**{k: record[k] for k in record}, key: Array(np.ascontiguousarray(value))}
+    )
     reply.content[name] = record
 
 
@@ -137,8 +154,13 @@ def fault_injection_mod(message: Message, context, call_next) -> Message:
     if kind in ("exception", "timeout"):
         try:
             fail(kind, plan.hang_seconds)
-        except InjectedFault as exc:  # the error reply Flower sends for a raising ClientApp, minus its log noise
-            return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"InjectedFault: {exc}"), reply_to=message)
+        except (
+            InjectedFault
+        ) as exc:  # the error reply Flower sends for a raising ClientApp, minus its log noise
+            return Message(
+                Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"InjectedFault: {exc}"),
+                reply_to=message,
+            )
     reply = call_next(message, context)
     corrupt_reply(reply, kind)
     return reply

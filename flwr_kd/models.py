@@ -77,4 +77,3 @@ def load_numpy_state(model: torch.nn.Module, state: dict[str, np.ndarray]) -> No
     model.load_state_dict(
         {k: torch.as_tensor(state[k]).to(current[k].dtype) for k in current}, strict=True
     )
-

@@ -52,7 +52,9 @@ def default_cache_dir() -> Path:
     return Path(root) / "pretrained"
 
 
-def cache_key(arch: str, init_state: State, x: np.ndarray, y: np.ndarray, config: PretrainConfig) -> str:
+def cache_key(
+    arch: str, init_state: State, x: np.ndarray, y: np.ndarray, config: PretrainConfig
+) -> str:
     h = hashlib.sha256()
     h.update(arch.encode())
     h.update(json.dumps(asdict(config), sort_keys=True).encode())
@@ -66,9 +68,18 @@ def cache_key(arch: str, init_state: State, x: np.ndarray, y: np.ndarray, config
 
 def _task(arch, init, spec, x, y, val_x, val_y, config, seed) -> LocalTrainTask:
     return LocalTrainTask(
-        arch=arch, model_spec=spec, x=x, y=y, test_x=val_x, test_y=val_y,
-        epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, seed=seed,
-        init_state=init, return_state=True,
+        arch=arch,
+        model_spec=spec,
+        x=x,
+        y=y,
+        test_x=val_x,
+        test_y=val_y,
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        seed=seed,
+        init_state=init,
+        return_state=True,
     )
 
 
@@ -86,7 +97,9 @@ def transfer_learning(
     """Pretrained weights per architecture (from the cache where possible) and a report."""
     t0 = time.perf_counter()
     store = LocalStateStore(cache_dir or default_cache_dir())
-    keys = {arch: cache_key(arch, init, public_x, public_y, config) for arch, init in initial.items()}
+    keys = {
+        arch: cache_key(arch, init, public_x, public_y, config) for arch, init in initial.items()
+    }
     weights: dict[str, State] = {}
     for arch, key in keys.items():
         cached = store.load(key)
@@ -94,8 +107,13 @@ def transfer_learning(
             weights[arch] = cached
     missing = [arch for arch in initial if arch not in weights]
     # one seed for all: the cache key must determine the weights, whatever else is cached
-    tasks = [_task(arch, initial[arch], spec, public_x, public_y, val_x, val_y, config, config.seed) for arch in missing]
-    report = TransferReport(seconds=0.0, trained=missing, cached=[a for a in initial if a not in missing])
+    tasks = [
+        _task(arch, initial[arch], spec, public_x, public_y, val_x, val_y, config, config.seed)
+        for arch in missing
+    ]
+    report = TransferReport(
+        seconds=0.0, trained=missing, cached=[a for a in initial if a not in missing]
+    )
     for outcome in fanout.map(run_local_train_task, tasks):
         weights[outcome.arch] = outcome.state
         store.save(keys[outcome.arch], outcome.state)

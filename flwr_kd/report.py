@@ -21,7 +21,9 @@ from flwr_kd.training import evaluate
 class ServerTestScore:
     """Test accuracy of every architecture's global model on the server's test set."""
 
-    def __init__(self, archs: list[str], model_spec: ModelSpec, test_x: np.ndarray, test_y: np.ndarray):
+    def __init__(
+        self, archs: list[str], model_spec: ModelSpec, test_x: np.ndarray, test_y: np.ndarray
+    ):
         self.archs, self.model_spec = archs, model_spec
         self.test_x, self.test_y = test_x, test_y
 
@@ -52,7 +54,11 @@ class RoundRecorder:
 
     def header(self, title: str) -> None:
         cols = "".join(f"{a[:22]:>24}" for a in self.archs)
-        print(f"\n{title}\n{'round':>5}{cols}{'mean':>8}{'seconds':>9}", file=self.out or sys.stdout, flush=True)
+        print(
+            f"\n{title}\n{'round':>5}{cols}{'mean':>8}{'seconds':>9}",
+            file=self.out or sys.stdout,
+            flush=True,
+        )
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         t_eval = time.perf_counter()
@@ -62,10 +68,20 @@ class RoundRecorder:
         mean = float(np.mean(list(acc.values()))) if acc else float("nan")
         seconds = seconds if server_round else 0.0
         self.rounds.append(
-            {"round": server_round, "accuracy": acc, "mean_accuracy": round(mean, 4), "seconds": round(seconds, 3), "eval_seconds": round(eval_seconds, 3)}
+            {
+                "round": server_round,
+                "accuracy": acc,
+                "mean_accuracy": round(mean, 4),
+                "seconds": round(seconds, 3),
+                "eval_seconds": round(eval_seconds, 3),
+            }
         )
         cols = "".join(f"{acc.get(a, float('nan')):>24.3f}" for a in self.archs)
-        print(f"{server_round:>5}{cols}{mean:>8.3f}{seconds:>9.1f}", file=self.out or sys.stdout, flush=True)
+        print(
+            f"{server_round:>5}{cols}{mean:>8.3f}{seconds:>9.1f}",
+            file=self.out or sys.stdout,
+            flush=True,
+        )
         if self.on_round_end is not None:
             self.on_round_end(server_round, arrays)
         self._last = time.perf_counter()
@@ -105,11 +121,23 @@ def plot_accuracy(result: dict, file) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     for i, arch in enumerate(archs):
         color = f"C{i}"
-        ax.plot([r["round"] for r in rounds], [r["accuracy"][arch] for r in rounds], "o-", color=color, label=arch)
+        ax.plot(
+            [r["round"] for r in rounds],
+            [r["accuracy"][arch] for r in rounds],
+            "o-",
+            color=color,
+            label=arch,
+        )
         for name, style in (("local_only", "--"), ("transfer_only", ":")):
             base = result.get("baselines", {}).get(name, {})
             if arch in base:
-                ax.axhline(base[arch], ls=style, color=color, lw=1, label=f"{arch} {name.replace('_', '-')}")
+                ax.axhline(
+                    base[arch],
+                    ls=style,
+                    color=color,
+                    lw=1,
+                    label=f"{arch} {name.replace('_', '-')}",
+                )
     cfg = result["config"]
     ax.set(
         xlabel="round",

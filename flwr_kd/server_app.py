@@ -43,7 +43,9 @@ def initial_arrays(archs: list[str], spec: ModelSpec, seed: int):
     return pack_models(models)
 
 
-def build_strategy(cfg: ExperimentConfig, data: FederatedData, fanout: FanOut, state_uri: str) -> Strategy:
+def build_strategy(
+    cfg: ExperimentConfig, data: FederatedData, fanout: FanOut, state_uri: str
+) -> Strategy:
     """The strategy the run config names; `state_uri` is where FedMD clients keep models."""
     if cfg.strategy == "fedmd":
         return FedMD(
@@ -94,7 +96,9 @@ def build_strategy(cfg: ExperimentConfig, data: FederatedData, fanout: FanOut, s
     )
 
 
-def local_only_baseline(cfg: ExperimentConfig, data: FederatedData, fanout: FanOut) -> dict[str, float]:
+def local_only_baseline(
+    cfg: ExperimentConfig, data: FederatedData, fanout: FanOut
+) -> dict[str, float]:
     """Each architecture trained on one client's private data alone, with the private-data
     epochs a client gets in the federated run, on the same test set; the mean over that
     architecture's clients."""
@@ -143,13 +147,19 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, hooks: RuntimeHooks | None
     client_config = ConfigRecord(cfg.client_config())
     with contextlib.ExitStack() as stack:
         fanout = hooks.fanout or stack.enter_context(make_fanout(cfg.fanout))
-        state_uri = hooks.state_uri or "file://" + stack.enter_context(tempfile.TemporaryDirectory(prefix="flwr-kd-clients-"))
+        state_uri = hooks.state_uri or "file://" + stack.enter_context(
+            tempfile.TemporaryDirectory(prefix="flwr-kd-clients-")
+        )
         strategy = build_strategy(cfg, data, fanout, state_uri=state_uri)
         if isinstance(strategy, FedMD):  # client models stay on clients: they report accuracy
             score = lambda server_round, arrays: strategy.accuracy.get(server_round, {})
         else:
             score = ServerTestScore(cfg.arch_list, data.model_spec, data.test_x, data.test_y)
-        recorder = RoundRecorder(cfg.arch_list, score, on_round_end=hooks.on_round_end and (lambda r, a: hooks.on_round_end(r, a, strategy)))
+        recorder = RoundRecorder(
+            cfg.arch_list,
+            score,
+            on_round_end=hooks.on_round_end and (lambda r, a: hooks.on_round_end(r, a, strategy)),
+        )
         recorder.header(f"{cfg.strategy} on {cfg.dataset}: test accuracy per architecture")
         runner, start_arrays = strategy, initial_arrays(cfg.arch_list, data.model_spec, cfg.seed)
         if hooks.rounds_done:
@@ -190,8 +200,14 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, hooks: RuntimeHooks | None
         )
     result = {
         "config": cfg.to_run_config(),
-        "architectures": {a: sum(cfg.arch_of_partition(p) == a for p in range(cfg.num_clients)) for a in cfg.arch_list},
-        "initial": {**recorder.rounds[0], **({"phase": strategy.stats[0].to_dict()} if 0 in strategy.stats else {})},
+        "architectures": {
+            a: sum(cfg.arch_of_partition(p) == a for p in range(cfg.num_clients))
+            for a in cfg.arch_list
+        },
+        "initial": {
+            **recorder.rounds[0],
+            **({"phase": strategy.stats[0].to_dict()} if 0 in strategy.stats else {}),
+        },
         "rounds": rounds,
         "baselines": baselines,
         "seconds": {"total": round(time.perf_counter() - t0, 2)},

@@ -28,9 +28,13 @@ def _contain_runtime() -> None:
 
 def simulate(cfg: ExperimentConfig, verbose: bool = False) -> dict:
     """Run `cfg` with one simulated SuperNode per client; returns the result dict."""
-    unsupported = [k for k in parse_kinds(cfg.fail_kinds) if k in SERVERLESS_ONLY] if cfg.fail_rate else []
+    unsupported = (
+        [k for k in parse_kinds(cfg.fail_kinds) if k in SERVERLESS_ONLY] if cfg.fail_rate else []
+    )
     if unsupported:
-        raise ConfigError(f"fault kind(s) {', '.join(unsupported)} need the serverless runtime (flwr-kd cloud emulate)")
+        raise ConfigError(
+            f"fault kind(s) {', '.join(unsupported)} need the serverless runtime (flwr-kd cloud emulate)"
+        )
     _contain_runtime()
     from flwr.simulation import run_simulation
 

@@ -57,4 +57,6 @@ def open_state_store(uri: str):
         from flwr_kd.serverless.arraystore import GcsArrayStore, GcsStateStore
 
         return GcsStateStore(GcsArrayStore(parsed.netloc), parsed.path.lstrip("/"))
-    raise ValueError(f"unsupported client state URI '{uri}' (expected file://<dir> or gs://<bucket>/<prefix>)")
+    raise ValueError(
+        f"unsupported client state URI '{uri}' (expected file://<dir> or gs://<bucket>/<prefix>)"
+    )

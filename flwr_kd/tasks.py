@@ -47,7 +47,9 @@ class DistillOutcome:
     distill_seconds: float
 
 
-def teacher_from_models(models: list[tuple[str, State]], spec: ModelSpec, x: np.ndarray) -> np.ndarray:
+def teacher_from_models(
+    models: list[tuple[str, State]], spec: ModelSpec, x: np.ndarray
+) -> np.ndarray:
     """Average logits of several (architecture, weights) models on x."""
     logits = []
     for arch, state in models:
@@ -66,7 +68,9 @@ def run_distill_task(task: DistillTask) -> DistillOutcome:
     model = create_model(task.arch, task.model_spec)
     load_numpy_state(model, task.state)
     report = distill(model, task.x, teacher, task.val_x, task.val_y, task.config, task.seed)
-    return DistillOutcome(task.arch, state_to_numpy(model), report, t1 - t0, time.perf_counter() - t1)
+    return DistillOutcome(
+        task.arch, state_to_numpy(model), report, t1 - t0, time.perf_counter() - t1
+    )
 
 
 @dataclass
@@ -105,7 +109,13 @@ def run_local_train_task(task: LocalTrainTask) -> LocalTrainOutcome:
     if task.init_state is not None:
         load_numpy_state(model, task.init_state)
     train_supervised(
-        model, task.x, task.y, epochs=task.epochs, batch_size=task.batch_size, lr=task.lr, seed=task.seed
+        model,
+        task.x,
+        task.y,
+        epochs=task.epochs,
+        batch_size=task.batch_size,
+        lr=task.lr,
+        seed=task.seed,
     )
     _, acc = evaluate(model, task.test_x, task.test_y)
     state = state_to_numpy(model) if task.return_state else None

@@ -77,7 +77,11 @@ def train_with_early_stopping(
     if len(holdout_x) == 0:
         train_supervised(model, x, y, epochs=max_epochs, batch_size=batch_size, lr=lr, seed=seed)
         return max_epochs, float("nan")
-    best = {"epoch": 0, "acc": evaluate(model, holdout_x, holdout_y)[1], "state": copy.deepcopy(model.state_dict())}
+    best = {
+        "epoch": 0,
+        "acc": evaluate(model, holdout_x, holdout_y)[1],
+        "state": copy.deepcopy(model.state_dict()),
+    }
 
     def check(epoch: int) -> bool:
         acc = evaluate(model, holdout_x, holdout_y)[1]
@@ -85,7 +89,9 @@ def train_with_early_stopping(
             best.update(epoch=epoch, acc=acc, state=copy.deepcopy(model.state_dict()))
         return epoch - best["epoch"] >= patience
 
-    train_supervised(model, x, y, epochs=max_epochs, batch_size=batch_size, lr=lr, seed=seed, on_epoch_end=check)
+    train_supervised(
+        model, x, y, epochs=max_epochs, batch_size=batch_size, lr=lr, seed=seed, on_epoch_end=check
+    )
     model.load_state_dict(best["state"])
     return best["epoch"], best["acc"]
 

@@ -105,7 +105,9 @@ class InProcessGrid(Grid):
                 reply = self.faults[node](reply)
         except Exception as exc:  # noqa: BLE001 - what Flower's simulation engine does
             reason = f"{type(exc)}:<'{exc}'>"
-            reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
+            reply = Message(
+                Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg
+            )
         reply.metadata.__dict__["_message_id"] = str(uuid4())
         return reply
 

@@ -38,9 +38,25 @@ MAX_BODY_BYTES = 1 << 20  # client-0's FLWR_KD_MAX_BODY_BYTES (the default is 32
 def experiment_flags(strategy: str = "feddf", rounds: int = 2, *extra: str) -> list[str]:
     """CLI flags of a tiny experiment (3 clients, 2 architectures, ~1 s of compute a call)."""
     flags = [
-        "--strategy", strategy, "--dataset", "digits", "--clients", str(NUM_CLIENTS),
-        "--rounds", str(rounds), "--archs", ",".join(ARCHS), "--local-epochs", "1",
-        "--distill-steps", "5", "--no-baseline", "-c", "max-private=80", "-c", "subset-size=100",
+        "--strategy",
+        strategy,
+        "--dataset",
+        "digits",
+        "--clients",
+        str(NUM_CLIENTS),
+        "--rounds",
+        str(rounds),
+        "--archs",
+        ",".join(ARCHS),
+        "--local-epochs",
+        "1",
+        "--distill-steps",
+        "5",
+        "--no-baseline",
+        "-c",
+        "max-private=80",
+        "-c",
+        "subset-size=100",
     ]
     if strategy == "fedmd":
         flags += ["-c", "pretrain-epochs=1", "-c", "finetune-epochs=1", "-c", "digest-epochs=1"]
@@ -111,7 +127,9 @@ class Emulators:
 def gcp_emulators(tmp_path_factory):
     """fake-gcs-server and the Firestore emulator on ports of 127.0.0.1, for the session."""
     log_dir = tmp_path_factory.mktemp("emulator-logs")
-    firestore, storage = start_all([(FirestoreEmulator, PROJECT, log_dir), (StorageEmulator, log_dir)])
+    firestore, storage = start_all(
+        [(FirestoreEmulator, PROJECT, log_dir), (StorageEmulator, log_dir)]
+    )
     try:
         yield Emulators(storage, firestore, log_dir)
     finally:
@@ -182,7 +200,9 @@ def wait_for(condition, timeout: float, what: str, interval: float = 0.05, alive
 # ----------------------------------------------------------------------------- deployment
 
 
-def terraform_outputs(clients: dict[str, tuple[str, str]], aggregators: dict[str, str], bucket: str) -> dict:
+def terraform_outputs(
+    clients: dict[str, tuple[str, str]], aggregators: dict[str, str], bucket: str
+) -> dict:
     """What `terraform output -json` prints (the part `flwr-kd cloud run` reads), for clients
     {id: (URL, architecture)} and aggregators {architecture: URL}."""
     return {
@@ -208,7 +228,8 @@ class FunctionDeployment:
     def outputs(self) -> dict:
         return terraform_outputs(
             {cid: (fn.url, arch_of(cid)) for cid, fn in self.clients.items()},
-            {arch: fn.url for arch, fn in self.aggregators.items()}, self.bucket,
+            {arch: fn.url for arch, fn in self.aggregators.items()},
+            self.bucket,
         )
 
     def write_outputs(self, path: Path) -> Path:
@@ -237,7 +258,9 @@ def function_env(bucket: str, **extra: str) -> dict[str, str]:
         "THREADS": "1",  # one request at a time, like a deployed function with concurrency 1
         "WORKERS": "1",
         "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
+        "PYTHONPATH": os.pathsep.join(
+            p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p
+        ),
         **extra,
     }
 
@@ -258,24 +281,31 @@ def deployment(cloud_env, tmp_path_factory):
     for cid in CLIENT_IDS:
         extra = {"FLWR_KD_MAX_BODY_BYTES": str(MAX_BODY_BYTES)} if cid == "client-0" else {}
         env = function_env(
-            DEPLOY_BUCKET, FLWR_KD_CLIENT_ID=cid, FLWR_KD_ARCH=arch_of(cid),
-            FLWR_KD_DATA_PREFIX=f"clients/{cid}/data/", **extra,
+            DEPLOY_BUCKET,
+            FLWR_KD_CLIENT_ID=cid,
+            FLWR_KD_ARCH=arch_of(cid),
+            FLWR_KD_DATA_PREFIX=f"clients/{cid}/data/",
+            **extra,
         )
         factories.append((FunctionProcess, CLOUD_MAIN, "client", env, cid, log_dir))
     for arch in ARCHS:
         env = function_env(DEPLOY_BUCKET, FLWR_KD_ARCH=arch)
-        factories.append((FunctionProcess, CLOUD_MAIN, "aggregator", env, f"aggregator-{arch}", log_dir))
+        factories.append(
+            (FunctionProcess, CLOUD_MAIN, "aggregator", env, f"aggregator-{arch}", log_dir)
+        )
     procs = start_all(factories)
     dep = FunctionDeployment(
         DEPLOY_BUCKET,
         clients=dict(zip(CLIENT_IDS, procs[: len(CLIENT_IDS)])),
-        aggregators=dict(zip(ARCHS, procs[len(CLIENT_IDS):])),
+        aggregators=dict(zip(ARCHS, procs[len(CLIENT_IDS) :])),
     )
     try:
         cfg = config_from_args(_parser().parse_args(["cloud", "run", *experiment_flags()]))
         upload_client_data(
-            GcsArrayStore(DEPLOY_BUCKET), load_federated(cfg.data_spec),
-            Deployment.from_terraform_outputs(dep.outputs()), data_fingerprint(cfg.data_spec.to_config()),
+            GcsArrayStore(DEPLOY_BUCKET),
+            load_federated(cfg.data_spec),
+            Deployment.from_terraform_outputs(dep.outputs()),
+            data_fingerprint(cfg.data_spec.to_config()),
         )
         yield dep
     finally:

@@ -26,7 +26,15 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
         (["--clients", "5000"], ["5000 clients but only", "use fewer clients"]),
         (["--archs", "convnext_atto"], ["'convnext_atto' needs images of at least 32px"]),
     ],
-    ids=["strategy", "dataset", "architecture", "alpha", "one-client", "too-many-clients", "convnext"],
+    ids=[
+        "strategy",
+        "dataset",
+        "architecture",
+        "alpha",
+        "one-client",
+        "too-many-clients",
+        "convnext",
+    ],
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, flags, names):
     out = tmp_path / "run"

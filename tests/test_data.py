@@ -119,7 +119,10 @@ def test_client_data_rejects_partition_id_out_of_range(pid):
 
 
 def test_data_spec_config_round_trip():
-    for spec in (DataSpec(num_partitions=3, alpha=0.7, seed=5, max_private=50), DataSpec(alpha=None)):
+    for spec in (
+        DataSpec(num_partitions=3, alpha=0.7, seed=5, max_private=50),
+        DataSpec(alpha=None),
+    ):
         config = spec.to_config()
         assert all(k.startswith("data-") for k in config)
         assert all(isinstance(v, (int, float, str)) for v in config.values())
@@ -214,7 +217,9 @@ def test_hf_local_parquet_directory(tmp_path, monkeypatch, clean_data_cache, mod
     shape = (12, 12) if channels == 1 else (12, 12, 3)
 
     def make(n: int, num_classes: int):
-        images = [Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode) for _ in range(n)]
+        images = [
+            Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode) for _ in range(n)
+        ]
         features = datasets.Features(
             {"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=num_classes)}
         )

@@ -16,7 +16,9 @@ def function(name: str, state: str, env: dict) -> functions_v2.Function:
     return functions_v2.Function(
         name=f"projects/{PROJECT}/locations/{REGION}/functions/{name}",
         state=functions_v2.Function.State[state],
-        service_config=functions_v2.ServiceConfig(uri=f"https://{name}.run.app", environment_variables=env),
+        service_config=functions_v2.ServiceConfig(
+            uri=f"https://{name}.run.app", environment_variables=env
+        ),
     )
 
 
@@ -33,13 +35,23 @@ class FunctionsApi:
 
 def deployed(states=("ACTIVE", "ACTIVE", "ACTIVE")):
     env = {"FLWR_KD_BUCKET": "arrays"}
-    return FunctionsApi([
-        function("kd-client-c0", states[0], {**env, "FLWR_KD_CLIENT_ID": "c0", "FLWR_KD_ARCH": "resnet10t"}),
-        function("kd-client-c1", states[1], {**env, "FLWR_KD_CLIENT_ID": "c1", "FLWR_KD_ARCH": "test_vit"}),
-        function("kd-agg-resnet10t", states[2], {**env, "FLWR_KD_ARCH": "resnet10t"}),
-        function("kd-agg-test-vit", "ACTIVE", {**env, "FLWR_KD_ARCH": "test_vit"}),
-        function("other-service", "FAILED", {}),
-    ])
+    return FunctionsApi(
+        [
+            function(
+                "kd-client-c0",
+                states[0],
+                {**env, "FLWR_KD_CLIENT_ID": "c0", "FLWR_KD_ARCH": "resnet10t"},
+            ),
+            function(
+                "kd-client-c1",
+                states[1],
+                {**env, "FLWR_KD_CLIENT_ID": "c1", "FLWR_KD_ARCH": "test_vit"},
+            ),
+            function("kd-agg-resnet10t", states[2], {**env, "FLWR_KD_ARCH": "resnet10t"}),
+            function("kd-agg-test-vit", "ACTIVE", {**env, "FLWR_KD_ARCH": "test_vit"}),
+            function("other-service", "FAILED", {}),
+        ]
+    )
 
 
 def test_discover_builds_the_deployment_from_names_and_environment():
@@ -48,9 +60,13 @@ def test_discover_builds_the_deployment_from_names_and_environment():
     assert api.parents == [f"projects/{PROJECT}/locations/{REGION}"]
     assert dep.bucket == "arrays"
     assert [(c.client_id, c.arch, c.url) for c in dep.clients] == [
-        ("c0", "resnet10t", "https://kd-client-c0.run.app"), ("c1", "test_vit", "https://kd-client-c1.run.app")
+        ("c0", "resnet10t", "https://kd-client-c0.run.app"),
+        ("c1", "test_vit", "https://kd-client-c1.run.app"),
     ]
-    assert dep.aggregators == {"resnet10t": "https://kd-agg-resnet10t.run.app", "test_vit": "https://kd-agg-test-vit.run.app"}
+    assert dep.aggregators == {
+        "resnet10t": "https://kd-agg-resnet10t.run.app",
+        "test_vit": "https://kd-agg-test-vit.run.app",
+    }
 
 
 def test_discover_with_a_wrong_prefix_says_what_to_check():
@@ -65,11 +81,15 @@ def test_check_active_names_every_function_not_ready():
     with pytest.raises(DeploymentError) as err:
         check_active(PROJECT, REGION, urls, client=api)
     message = str(err.value)
-    assert "kd-client-c1: state DEPLOYING" in message and "kd-agg-resnet10t: state FAILED" in message
+    assert (
+        "kd-client-c1: state DEPLOYING" in message and "kd-agg-resnet10t: state FAILED" in message
+    )
     assert "https://gone.run.app: no such function" in message and "kd-client-c0" not in message
 
 
 def test_check_active_passes_when_all_are_active():
     api = deployed()
     dep = discover(PROJECT, REGION, "kd", client=api)
-    check_active(PROJECT, REGION, [c.url for c in dep.clients] + list(dep.aggregators.values()), client=api)
+    check_active(
+        PROJECT, REGION, [c.url for c in dep.clients] + list(dep.aggregators.values()), client=api
+    )

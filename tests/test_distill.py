@@ -52,7 +52,10 @@ def test_kd_loss_gradient_flows_to_student_only_and_matches_analytic(temperature
     # d/ds [T^2 * KL(p_t || softmax(s/T))] / B = T * (softmax(s/T) - p_t) / B
     expected = (
         temperature
-        * (torch.softmax(student.detach() / temperature, 1) - torch.softmax(teacher / temperature, 1))
+        * (
+            torch.softmax(student.detach() / temperature, 1)
+            - torch.softmax(teacher / temperature, 1)
+        )
         / student.shape[0]
     )
     torch.testing.assert_close(student.grad, expected, rtol=1e-9, atol=1e-12)

@@ -44,7 +44,9 @@ NUM_CLASSES = 10
 
 def _spec(num_nodes: int) -> DataSpec:
     # IID, so that every tiny partition has a held-out slice and at least two training samples
-    return DataSpec(dataset="digits", num_partitions=num_nodes, alpha=None, max_private=20 * num_nodes)
+    return DataSpec(
+        dataset="digits", num_partitions=num_nodes, alpha=None, max_private=20 * num_nodes
+    )
 
 
 def _config(spec: DataSpec) -> ConfigRecord:
@@ -112,7 +114,9 @@ def _client_store(tmp_path) -> LocalStateStore:
 
 
 def _round(strategy: FedMD, grid: InProcessGrid, server_round: int, arrays, config):
-    replies = list(grid.send_and_receive(strategy.configure_train(server_round, arrays, config, grid)))
+    replies = list(
+        grid.send_and_receive(strategy.configure_train(server_round, arrays, config, grid))
+    )
     consensus, metrics = strategy.aggregate_train(server_round, replies)
     return replies, consensus, metrics
 
@@ -146,7 +150,9 @@ def test_subsets_are_deterministic_per_seed_and_differ_between_rounds(tmp_path):
         for j in range(i + 1, len(subsets)):
             assert not np.array_equal(subsets[i], subsets[j]), (i + 1, j + 1)
     # no subset size: the whole public set; a too large one is capped
-    np.testing.assert_array_equal(_fedmd(data, tmp_path, 2, subset_size=None).subset(1), np.arange(n_public))
+    np.testing.assert_array_equal(
+        _fedmd(data, tmp_path, 2, subset_size=None).subset(1), np.arange(n_public)
+    )
     assert _fedmd(data, tmp_path, 2, subset_size=10 * n_public).subset(1).shape == (n_public,)
 
 
@@ -178,20 +184,33 @@ def test_consensus_is_the_float32_mean_of_the_replies_logits(tmp_path):
         assert len(round_replies) == n and not any(m.has_error() for m in round_replies)
         np.testing.assert_array_equal(record["indices"].numpy(), strategy.subset(r + 1))
         for msg in sent[r * n : (r + 1) * n]:  # the clients were asked for the same subset
-            np.testing.assert_array_equal(msg.content[protocol.PUBLIC]["indices"].numpy(), strategy.subset(r + 1))
+            np.testing.assert_array_equal(
+                msg.content[protocol.PUBLIC]["indices"].numpy(), strategy.subset(r + 1)
+            )
         client_logits = [_logits(m) for m in round_replies]
         for logits in client_logits:
             assert logits.shape == (SUBSET, NUM_CLASSES) and logits.dtype == np.float16
         got = record["logits"].numpy()
         assert got.dtype == np.float32 and got.shape == (SUBSET, NUM_CLASSES)
         np.testing.assert_array_equal(got, average_logits(client_logits))
-        np.testing.assert_allclose(got, np.mean([a.astype(np.float32) for a in client_logits], axis=0), rtol=1e-6, atol=1e-6)
-        assert not all(np.array_equal(client_logits[0], a) for a in client_logits[1:]), "clients differ"
+        np.testing.assert_allclose(
+            got,
+            np.mean([a.astype(np.float32) for a in client_logits], axis=0),
+            rtol=1e-6,
+            atol=1e-6,
+        )
+        assert not all(np.array_equal(client_logits[0], a) for a in client_logits[1:]), (
+            "clients differ"
+        )
         # accuracy per architecture: the mean of the replies' test accuracy
         accuracy = strategy.accuracy[r]
         assert sorted(accuracy) == sorted(ARCHS)
         for arch in ARCHS:
-            scores = [m.content[protocol.METRICS]["test-accuracy"] for m in round_replies if m.content[protocol.CONFIG]["arch"] == arch]
+            scores = [
+                m.content[protocol.METRICS]["test-accuracy"]
+                for m in round_replies
+                if m.content[protocol.CONFIG]["arch"] == arch
+            ]
             assert len(scores) == n // 2
             assert accuracy[arch] == pytest.approx(np.mean(scores), abs=1e-4)
         assert strategy.stats[r].replies == n and strategy.stats[r].dropped == []
@@ -205,13 +224,17 @@ def test_consensus_is_the_float32_mean_of_the_replies_logits(tmp_path):
         load_numpy_state(model, store.load(f"node-{node}"))
         expected = predict_logits(model, data.public_x[strategy.subset(2)]).astype(np.float16)
         np.testing.assert_array_equal(_logits(reply), expected)
-        np.testing.assert_array_equal(reply.content[protocol.LOGITS]["indices"].numpy(), strategy.subset(2))
+        np.testing.assert_array_equal(
+            reply.content[protocol.LOGITS]["indices"].numpy(), strategy.subset(2)
+        )
 
 
 # ---------------------------------------------------------------------------- the client round
 
 
-def test_fused_round_digests_then_revisits_then_replies_and_keeps_the_model_in_the_store(tmp_path, monkeypatch):
+def test_fused_round_digests_then_revisits_then_replies_and_keeps_the_model_in_the_store(
+    tmp_path, monkeypatch
+):
     n = 4
     spec = _spec(n)
     data = load_federated(spec)
@@ -395,7 +418,9 @@ def test_transfer_learning_is_cached_per_architecture(tmp_path):
     }
     for name, (init, px, py, cfg) in changes.items():
         fanout = RecordingFanOut()
-        _, report = transfer_learning(init, data.model_spec, px, py, data.val_x, data.val_y, cfg, fanout, cache)
+        _, report = transfer_learning(
+            init, data.model_spec, px, py, data.val_x, data.val_y, cfg, fanout, cache
+        )
         assert sorted(report.trained) == sorted(ARCHS) and report.cached == [], name
         assert len(fanout.tasks) == len(ARCHS), name
 
@@ -419,7 +444,9 @@ def test_retraining_an_evicted_cache_entry_reproduces_it(tmp_path):
     assert report.trained == [evicted] and report.cached == [ARCHS[0]]
     assert [t.arch for t in fanout.tasks] == [evicted]
     assert _states_equal(again[ARCHS[0]], first[ARCHS[0]])
-    assert _states_equal(again[evicted], first[evicted]), "retrained weights differ from the evicted entry"
+    assert _states_equal(again[evicted], first[evicted]), (
+        "retrained weights differ from the evicted entry"
+    )
 
 
 def test_per_client_seconds_runs_one_task_per_client(tmp_path):
@@ -428,7 +455,15 @@ def test_per_client_seconds_runs_one_task_per_client(tmp_path):
     client_archs = [_arch_of(p) for p in range(4)]
     fanout = RecordingFanOut()
     seconds = per_client_seconds(
-        client_archs, initial, data.model_spec, x, y, data.val_x, data.val_y, PretrainConfig(epochs=1), fanout
+        client_archs,
+        initial,
+        data.model_spec,
+        x,
+        y,
+        data.val_x,
+        data.val_y,
+        PretrainConfig(epochs=1),
+        fanout,
     )
     assert seconds > 0.0
     assert [t.arch for t in fanout.tasks] == client_archs
@@ -478,7 +513,9 @@ def test_invalid_replies_are_left_out_of_the_consensus(tmp_path, caplog):
         return reply
 
     def wrong_arch(reply):
-        reply.content[protocol.CONFIG]["arch"] = _other_arch(str(reply.content[protocol.CONFIG]["arch"]))
+        reply.content[protocol.CONFIG]["arch"] = _other_arch(
+            str(reply.content[protocol.CONFIG]["arch"])
+        )
         return reply
 
     def no_logits(reply):
@@ -486,12 +523,18 @@ def test_invalid_replies_are_left_out_of_the_consensus(tmp_path, caplog):
         return reply
 
     faults = {
-        0: (wrong_shape, f"logits have shape ({SUBSET - 1}, {NUM_CLASSES}), expected ({SUBSET}, {NUM_CLASSES})"),
+        0: (
+            wrong_shape,
+            f"logits have shape ({SUBSET - 1}, {NUM_CLASSES}), expected ({SUBSET}, {NUM_CLASSES})",
+        ),
         1: (non_finite, "logits have non-finite values"),
         2: (wrong_subset_round, "logits for the wrong public subset (round 1, expected 2)"),
         3: (wrong_indices, "logits for the wrong public subset"),
         4: (int_logits, "logits have dtype int32"),
-        5: (wrong_arch, f"architecture '{_other_arch(_arch_of(5))}' but node registered as '{_arch_of(5)}'"),
+        5: (
+            wrong_arch,
+            f"architecture '{_other_arch(_arch_of(5))}' but node registered as '{_arch_of(5)}'",
+        ),
         6: (None, "client error:"),  # a real client exception: its saved model is gone
         7: (no_logits, "reply lacks logits"),
     }
@@ -545,7 +588,9 @@ def test_a_malformed_reply_config_is_left_out_not_fatal(tmp_path, caplog):
     dropped = {d["node"]: d["reason"] for d in strategy.stats[1].dropped}
     assert list(dropped) == [node_id_of(0)]
     assert "subset" in dropped[node_id_of(0)]
-    assert any(f"left node {node_id_of(0)} out of the consensus" in r.getMessage() for r in caplog.records)
+    assert any(
+        f"left node {node_id_of(0)} out of the consensus" in r.getMessage() for r in caplog.records
+    )
     assert metrics["replies"] == n - 1
     valid = [_logits(r) for r in replies if r.metadata.src_node_id != node_id_of(0)]
     np.testing.assert_array_equal(record["logits"].numpy(), average_logits(valid))
@@ -562,12 +607,17 @@ def test_too_few_valid_replies_stop_the_run(tmp_path):
     grid = _grid(n, faults={node_id_of(0): raise_, node_id_of(1): raise_})
     strategy = _fedmd(data, tmp_path, n, min_replies=2)
     with pytest.raises(FedMDError) as info:
-        strategy.start(grid, pack_models(_initial(data.model_spec)), num_rounds=2, train_config=_config(spec))
+        strategy.start(
+            grid, pack_models(_initial(data.model_spec)), num_rounds=2, train_config=_config(spec)
+        )
     message = str(info.value)
     assert "round 0: 1 valid replies, fewer than min_replies=2" in message
     assert "disk full on this node" in message and str(node_id_of(0)) in message
     # nothing after the init phase was sent
-    assert {int(m.content[protocol.CONFIG]["server-round"]) for m in grid.messages_of(protocol.FEDMD_ROUND)} == {0}
+    assert {
+        int(m.content[protocol.CONFIG]["server-round"])
+        for m in grid.messages_of(protocol.FEDMD_ROUND)
+    } == {0}
 
 
 # ---------------------------------------------------------------------------- start()
@@ -587,7 +637,11 @@ def test_fedmd_start_two_rounds(tmp_path):
         seen.append((server_round, sorted(arrays)))
 
     result = strategy.start(
-        grid, pack_models(initial), num_rounds=2, train_config=_config(spec), evaluate_fn=evaluate_fn
+        grid,
+        pack_models(initial),
+        num_rounds=2,
+        train_config=_config(spec),
+        evaluate_fn=evaluate_fn,
     )
 
     assert isinstance(result, Result)
@@ -608,7 +662,9 @@ def test_fedmd_start_two_rounds(tmp_path):
         assert all(0.0 <= a <= 1.0 for a in strategy.accuracy[r].values())
         assert strategy.stats[r].replies == n and strategy.stats[r].dropped == []
     assert "client-finetune-max" in strategy.stats[0].seconds
-    assert {"client-digest-max", "client-revisit-max", "client-logits-max"} <= set(strategy.stats[1].seconds)
+    assert {"client-digest-max", "client-revisit-max", "client-logits-max"} <= set(
+        strategy.stats[1].seconds
+    )
 
     # transfer learning: each architecture once (cold cache), plus once per client for the record
     transfer = strategy.transfer
@@ -625,7 +681,9 @@ def test_fedmd_start_two_rounds(tmp_path):
     for r in range(3):
         round_msgs = [m for m in sent if m.content[protocol.CONFIG]["server-round"] == r]
         assert sorted(m.metadata.dst_node_id for m in round_msgs) == sorted(grid.contexts), r
-        assert {m.content[protocol.CONFIG]["phase"] for m in round_msgs} == {"init" if r == 0 else "round"}
+        assert {m.content[protocol.CONFIG]["phase"] for m in round_msgs} == {
+            "init" if r == 0 else "round"
+        }
         for msg in round_msgs:
             pid = grid.contexts[msg.metadata.dst_node_id].node_config["partition-id"]
             assert msg.content[protocol.CONFIG]["arch"] == _arch_of(pid)

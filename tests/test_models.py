@@ -21,7 +21,9 @@ from flwr_kd.records import pack_models, record_to_state, state_to_record, unpac
 SPECS = [ModelSpec(num_classes=10, in_chans=1, img_size=16), ModelSpec(3, 3, 28)]
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.num_classes}c{s.in_chans}ch{s.img_size}px")
+@pytest.mark.parametrize(
+    "spec", SPECS, ids=lambda s: f"{s.num_classes}c{s.in_chans}ch{s.img_size}px"
+)
 @pytest.mark.parametrize("arch", DEFAULT_ARCHITECTURES)
 def test_default_architectures_build_for_small_images(arch, spec):
     torch.manual_seed(0)
@@ -58,7 +60,9 @@ def test_unknown_architecture_error_is_a_value_error():
 
 def test_convnext_on_small_images_is_a_clear_error():
     spec = ModelSpec(10, 1, 16)
-    with pytest.raises(UnknownArchitectureError, match=r"'convnext_atto' needs images of at least 32px"):
+    with pytest.raises(
+        UnknownArchitectureError, match=r"'convnext_atto' needs images of at least 32px"
+    ):
         check_architecture("convnext_atto", spec)
     with pytest.raises(UnknownArchitectureError, match="the dataset has 16px"):
         create_model("convnext_atto", spec)
@@ -110,7 +114,10 @@ def test_state_to_numpy_is_a_copy():
 
 def test_load_numpy_state_casts_dtypes_and_keeps_integer_buffers():
     model = create_model("resnet10t", SPECS[0])
-    state = {k: v.astype(np.float64) if v.dtype == np.float32 else v for k, v in state_to_numpy(model).items()}
+    state = {
+        k: v.astype(np.float64) if v.dtype == np.float32 else v
+        for k, v in state_to_numpy(model).items()
+    }
     counters = [k for k in state if k.endswith("num_batches_tracked")]
     assert counters, "resnet10t has BatchNorm counters"
     state[counters[0]] = np.array(7, dtype=np.int64)

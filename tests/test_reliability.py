@@ -78,27 +78,47 @@ REASON = {  # what the driver records for a reply that ends in each kind
 def test_draws_are_reproducible_and_near_the_rate():
     plan = FaultPlan(rate=0.3, kinds=KINDS, seed=4)
     draws = [plan.draw(r, f"client-{c}", protocol.TRAIN) for r in range(1, 101) for c in range(20)]
-    assert draws == [plan.draw(r, f"client-{c}", protocol.TRAIN) for r in range(1, 101) for c in range(20)]
+    assert draws == [
+        plan.draw(r, f"client-{c}", protocol.TRAIN) for r in range(1, 101) for c in range(20)
+    ]
     faults = [d for d in draws if d is not None]
     assert 0.27 < len(faults) / len(draws) < 0.33
     assert set(faults) == set(KINDS)  # every kind is drawn
     other_seed = FaultPlan(rate=0.3, kinds=KINDS, seed=5)
-    assert draws != [other_seed.draw(r, f"client-{c}", protocol.TRAIN) for r in range(1, 101) for c in range(20)]
+    assert draws != [
+        other_seed.draw(r, f"client-{c}", protocol.TRAIN) for r in range(1, 101) for c in range(20)
+    ]
 
 
 def test_a_retry_draws_anew_and_only_training_calls_of_real_rounds_fail():
     plan = FaultPlan(rate=0.5, kinds=("5xx",), seed=0)
-    per_attempt = [[plan.draw(1, f"c{i}", protocol.TRAIN, attempt) for attempt in (1, 2)] for i in range(200)]
+    per_attempt = [
+        [plan.draw(1, f"c{i}", protocol.TRAIN, attempt) for attempt in (1, 2)] for i in range(200)
+    ]
     assert any(a == "5xx" and b is None for a, b in per_attempt)  # a retried call can succeed
-    assert all(plan.draw(0, f"c{i}", protocol.FEDMD_ROUND) is None for i in range(200))  # set-up round
-    assert all(plan.draw(1, f"c{i}", t) is None for i in range(200) for t in (protocol.DESCRIBE, protocol.EVALUATE))
-    assert all(FaultPlan(rate=0.0, kinds=KINDS).draw(r, "c", protocol.TRAIN) is None for r in range(1, 500))
-    assert all(FaultPlan(rate=1.0, kinds=("kill",)).draw(r, "c", protocol.TRAIN) == "kill" for r in range(1, 50))
+    assert all(
+        plan.draw(0, f"c{i}", protocol.FEDMD_ROUND) is None for i in range(200)
+    )  # set-up round
+    assert all(
+        plan.draw(1, f"c{i}", t) is None
+        for i in range(200)
+        for t in (protocol.DESCRIBE, protocol.EVALUATE)
+    )
+    assert all(
+        FaultPlan(rate=0.0, kinds=KINDS).draw(r, "c", protocol.TRAIN) is None for r in range(1, 500)
+    )
+    assert all(
+        FaultPlan(rate=1.0, kinds=("kill",)).draw(r, "c", protocol.TRAIN) == "kill"
+        for r in range(1, 50)
+    )
 
 
 def test_default_kinds_are_the_failures_the_runtime_can_produce():
     assert FaultPlan.from_config({"fail-rate": 0.2}, serverless=True).kinds == FAILURES
-    assert FaultPlan.from_config({"fail-rate": 0.2}, serverless=False).kinds == ("exception", "timeout")
+    assert FaultPlan.from_config({"fail-rate": 0.2}, serverless=False).kinds == (
+        "exception",
+        "timeout",
+    )
     assert FaultPlan.from_config({}, serverless=True).rate == 0.0  # off by default
     assert parse_kinds(" nan, tamper ") == ("nan", "tamper")
     with pytest.raises(ValueError, match="unknown fault kind.*explode"):
@@ -130,7 +150,21 @@ def test_messages_carry_fault_settings_only_when_injecting():
 
 def test_simulate_refuses_serverless_only_kinds_before_running(tmp_path, capsys):
     out = tmp_path / "out"
-    code = main(["simulate", "--clients", "2", "--rounds", "1", "--fail-rate", "0.3", "--fail-kinds", "exception,kill", "--out", str(out)])
+    code = main(
+        [
+            "simulate",
+            "--clients",
+            "2",
+            "--rounds",
+            "1",
+            "--fail-rate",
+            "0.3",
+            "--fail-kinds",
+            "exception,kill",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 2
     assert "fault kind(s) kill need the serverless runtime" in capsys.readouterr().err
     assert not out.exists()
@@ -151,13 +185,36 @@ def test_the_fault_mod_makes_clients_fail_and_lie_and_the_strategy_leaves_them_o
     assert 0 < sum(k is not None for k in drawn.values()) < n, drawn  # seed 3 gives a mix
     grid = InProcessGrid(KDClient().register(ClientApp(mods=[fault_injection_mod])), n)
     strategy = FedDF(
-        public_x=data.public_x[:100], val_x=data.val_x, val_y=data.val_y, model_spec=data.model_spec,
-        distill_config=DistillConfig(steps=2), fanout=SerialFanOut(), min_available_nodes=n, seed=0,
+        public_x=data.public_x[:100],
+        val_x=data.val_x,
+        val_y=data.val_y,
+        model_spec=data.model_spec,
+        distill_config=DistillConfig(steps=2),
+        fanout=SerialFanOut(),
+        min_available_nodes=n,
+        seed=0,
     )
-    config = ConfigRecord({**spec.to_config(), "archs": "resnet10t,test_vit", "local-epochs": 1, "fail-rate": 0.5, "fail-kinds": ",".join(kinds)})
-    strategy.start(grid=grid, initial_arrays=initial_arrays(["resnet10t", "test_vit"], data.model_spec, 0), num_rounds=1, train_config=config)
+    config = ConfigRecord(
+        {
+            **spec.to_config(),
+            "archs": "resnet10t,test_vit",
+            "local-epochs": 1,
+            "fail-rate": 0.5,
+            "fail-kinds": ",".join(kinds),
+        }
+    )
+    strategy.start(
+        grid=grid,
+        initial_arrays=initial_arrays(["resnet10t", "test_vit"], data.model_spec, 0),
+        num_rounds=1,
+        train_config=config,
+    )
     dropped = {d["node"]: d["reason"] for d in strategy.stats[1].dropped}
-    expected = {node_id_of(p): REASON[k].replace("(99, 10), expected (100, 10)", "") for p, k in drawn.items() if k}
+    expected = {
+        node_id_of(p): REASON[k].replace("(99, 10), expected (100, 10)", "")
+        for p, k in drawn.items()
+        if k
+    }
     assert set(dropped) == set(expected)
     for node, reason in expected.items():
         assert reason in dropped[node], (node, dropped[node])
@@ -188,8 +245,17 @@ def test_stragglers_are_cut_by_the_round_deadline():
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}"
         store = GcsArrayStore(EMULATE_BUCKET)
-        grid = CloudFunctionGrid([ClientEndpoint("client-slow", url, "resnet10t")], store, "deadline-run", GridOptions(retries=0))
-        msg = Message(RecordDict({protocol.CONFIG: ConfigRecord({"server-round": 1})}), dst_node_id=node_id_for("client-slow"), message_type=protocol.TRAIN)
+        grid = CloudFunctionGrid(
+            [ClientEndpoint("client-slow", url, "resnet10t")],
+            store,
+            "deadline-run",
+            GridOptions(retries=0),
+        )
+        msg = Message(
+            RecordDict({protocol.CONFIG: ConfigRecord({"server-round": 1})}),
+            dst_node_id=node_id_for("client-slow"),
+            message_type=protocol.TRAIN,
+        )
         t0 = time.perf_counter()
         (reply,) = grid.send_and_receive([msg], timeout=1.0)
         waited = time.perf_counter() - t0
@@ -225,7 +291,9 @@ def covering_seed() -> int:
         plan = FaultPlan(RATE, KINDS, seed=seed)
         calls = {(r, c): outcome(plan, r, c) for r in range(1, ROUNDS + 1) for c in CLIENT_IDS}
         drawn = {k for draws in calls.values() for k in draws if k}
-        good_each_round = all(any(calls[(r, c)][-1] is None for c in CLIENT_IDS) for r in range(1, ROUNDS + 1))
+        good_each_round = all(
+            any(calls[(r, c)][-1] is None for c in CLIENT_IDS) for r in range(1, ROUNDS + 1)
+        )
         exhausted = any(len(d) == RETRIES + 1 and d[-1] in RETRIED for d in calls.values())
         if drawn == set(KINDS) and good_each_round and exhausted:
             return seed
@@ -243,7 +311,13 @@ def stack(cloud_env, tmp_path_factory):
     with EmulatedStack(cfg, log_dir=tmp_path_factory.mktemp("stack-logs")) as emulated:
         dep = emulated.deployment()
         outputs = tmp_path_factory.mktemp("stack") / "outputs.json"
-        outputs.write_text(json.dumps(terraform_outputs({c.client_id: (c.url, c.arch) for c in dep.clients}, dep.aggregators, dep.bucket)))
+        outputs.write_text(
+            json.dumps(
+                terraform_outputs(
+                    {c.client_id: (c.url, c.arch) for c in dep.clients}, dep.aggregators, dep.bucket
+                )
+            )
+        )
         yield outputs
 
 
@@ -256,9 +330,25 @@ def faulty_run(stack, tmp_path_factory):
     seed, run = covering_seed(), f"faults-{uuid.uuid4().hex[:8]}"
     out = tmp_path_factory.mktemp("faults")
     argv = [
-        *drive_argv(stack, *experiment_flags("feddf", ROUNDS)), "--clients", str(len(CLIENT_IDS)), "--seed", str(seed),
-        "--fail-rate", str(RATE), "--fail-kinds", ",".join(KINDS), "-c", "fail-hang-seconds=1",
-        "--min-replies", "1", "--retries", str(RETRIES), "--run-id", run, "--out", str(out),
+        *drive_argv(stack, *experiment_flags("feddf", ROUNDS)),
+        "--clients",
+        str(len(CLIENT_IDS)),
+        "--seed",
+        str(seed),
+        "--fail-rate",
+        str(RATE),
+        "--fail-kinds",
+        ",".join(KINDS),
+        "-c",
+        "fail-hang-seconds=1",
+        "--min-replies",
+        "1",
+        "--retries",
+        str(RETRIES),
+        "--run-id",
+        run,
+        "--out",
+        str(out),
     ]
     assert main(argv) == 0
     return seed, run, json.loads((out / "result.json").read_text()), argv
@@ -268,7 +358,9 @@ def test_every_round_completes_despite_every_fault_kind(faulty_run):
     _, run, result, _ = faulty_run
     assert [row["round"] for row in result["rounds"]] == list(range(1, ROUNDS + 1))
     rounds = RoundStore()
-    assert [(d["round"], d["status"]) for d in rounds.rounds(run)] == [(r, DONE) for r in range(1, ROUNDS + 1)]
+    assert [(d["round"], d["status"]) for d in rounds.rounds(run)] == [
+        (r, DONE) for r in range(1, ROUNDS + 1)
+    ]
     assert rounds.get_run(run)["status"] == DONE
 
 
@@ -287,13 +379,21 @@ def test_each_call_is_recorded_with_its_faults_attempts_and_verdict(faulty_run):
             assert doc["attempts"] == len(draws), (r, c, draws, doc)
             for attempt, kind in enumerate(draws, 1):
                 if kind:
-                    assert f"attempt {attempt}: injected fault '{kind}'" in doc["events"], (r, c, doc)
+                    assert f"attempt {attempt}: injected fault '{kind}'" in doc["events"], (
+                        r,
+                        c,
+                        doc,
+                    )
             if "kill" in draws[:-1]:
                 assert any("took over" in e for e in doc["events"]), doc
             final = draws[-1]
             if final is None:
                 accepted.append(c)
-                assert doc["status"] == DONE and "dropped" not in doc and "error" not in doc, (r, c, doc)
+                assert doc["status"] == DONE and "dropped" not in doc and "error" not in doc, (
+                    r,
+                    c,
+                    doc,
+                )
                 assert node_id_for(c) not in dropped
             else:
                 assert REASON[final] in dropped[node_id_for(c)], (r, c, final, dropped)
@@ -314,7 +414,9 @@ def test_a_call_that_fails_records_why(faulty_run):
         for c in CLIENT_IDS:
             final, doc = outcome(plan, r, c)[-1], docs[r][f"{c}:train"]
             if final in ("exception", "5xx", "timeout"):
-                assert doc["status"] == "failed" and REASON[final].split(": ", 1)[-1] in doc["error"], doc
+                assert (
+                    doc["status"] == "failed" and REASON[final].split(": ", 1)[-1] in doc["error"]
+                ), doc
             if final in INVALID_REPLIES:  # the function did its part; the driver refused the reply
                 assert doc["status"] == DONE and REASON[final] in doc["dropped"], doc
 
@@ -326,9 +428,13 @@ def test_the_run_audits_complete_and_final_models_evaluate_to_the_reported_accur
     cfg = config_from_args(_parser().parse_args(argv))
     data = load_federated(cfg.data_spec)
     state = GcsArrayStore(EMULATE_BUCKET).get(f"runs/{run}/rounds/{ROUNDS}/global.npz")
-    scores = ServerTestScore(cfg.arch_list, data.model_spec, data.test_x, data.test_y)(ROUNDS, state_to_record(state))
+    scores = ServerTestScore(cfg.arch_list, data.model_spec, data.test_x, data.test_y)(
+        ROUNDS, state_to_record(state)
+    )
     assert scores == pytest.approx(result["rounds"][-1]["accuracy"], abs=1e-4)
-    assert all(np.isfinite(v) and 0.0 <= v <= 1.0 for v in scores.values()), scores  # (3 tiny rounds: no accuracy claim)
+    assert all(np.isfinite(v) and 0.0 <= v <= 1.0 for v in scores.values()), (
+        scores
+    )  # (3 tiny rounds: no accuracy claim)
 
 
 def test_too_few_replies_fail_the_round_and_name_the_minimum():
@@ -354,15 +460,31 @@ def test_fedmd_leaves_out_every_kind_of_invalid_reply_with_its_reason(stack, tmp
     """4 clients, 2 rounds; seed 1008 draws each invalid kind once and leaves one good reply a
     round. Each bad reply is left out of the consensus with its kind's reason, recorded in
     result.json, the round document and the call's invocation document."""
-    seed, run, clients = 1008, f"fedmd-invalid-{uuid.uuid4().hex[:8]}", [f"client-{i}" for i in range(4)]
+    seed, run, clients = (
+        1008,
+        f"fedmd-invalid-{uuid.uuid4().hex[:8]}",
+        [f"client-{i}" for i in range(4)],
+    )
     plan = FaultPlan(0.7, FEDMD_INVALID, seed=seed)
     drawn = {(r, c): plan.draw(r, c, protocol.FEDMD_ROUND) for r in (1, 2) for c in clients}
     assert {k for k in drawn.values() if k} == set(FEDMD_INVALID)  # the seed still covers them
     cache = tmp_path / "pretrain-cache"
     argv = [
-        *drive_argv(stack, *experiment_flags("fedmd", 2, "-c", f"cache-dir={cache}")), "--clients", "4",
-        "--seed", str(seed), "--fail-rate", "0.7", "--fail-kinds", ",".join(FEDMD_INVALID), "--min-replies", "1",
-        "--run-id", run, "--out", str(tmp_path / "out"),
+        *drive_argv(stack, *experiment_flags("fedmd", 2, "-c", f"cache-dir={cache}")),
+        "--clients",
+        "4",
+        "--seed",
+        str(seed),
+        "--fail-rate",
+        "0.7",
+        "--fail-kinds",
+        ",".join(FEDMD_INVALID),
+        "--min-replies",
+        "1",
+        "--run-id",
+        run,
+        "--out",
+        str(tmp_path / "out"),
     ]
     assert main(argv) == 0
     result = json.loads((tmp_path / "out" / "result.json").read_text())
@@ -379,7 +501,10 @@ def test_fedmd_leaves_out_every_kind_of_invalid_reply_with_its_reason(stack, tmp
                 continue
             reason = FEDMD_REASON[kind].format(next=r + 1, next_plus_one=r + 2)
             assert reason in dropped[node_id_for(c)], (r, c, kind, dropped)
-            assert doc["dropped"] == dropped[node_id_for(c)] and f"attempt 1: injected fault '{kind}'" in doc["events"]
+            assert (
+                doc["dropped"] == dropped[node_id_for(c)]
+                and f"attempt 1: injected fault '{kind}'" in doc["events"]
+            )
         assert row["replies"] == sum(drawn[(r, c)] is None for c in clients)
     assert audit_run(run, RoundStore(), GcsArrayStore(EMULATE_BUCKET)) == []
 
@@ -389,10 +514,27 @@ def test_a_straggler_is_cut_by_the_round_deadline_on_the_emulators(stack, tmp_pa
     the deadline with the other three replies, and client-3's call carries the driver's verdict
     (and is marked failed: the driver gave up on it while it was still running)."""
     run = f"straggler-{uuid.uuid4().hex[:8]}"
-    assert [FaultPlan(0.3, ("timeout",), seed=0).draw(1, c, protocol.TRAIN) for c in CLIENT_IDS] == [None, None, None, "timeout"]
+    assert [
+        FaultPlan(0.3, ("timeout",), seed=0).draw(1, c, protocol.TRAIN) for c in CLIENT_IDS
+    ] == [None, None, None, "timeout"]
     argv = [
-        *drive_argv(stack, *experiment_flags("feddf", 1)), "--clients", "4", "--seed", "0", "--fail-rate", "0.3", "--fail-kinds", "timeout",
-        "-c", "fail-hang-seconds=60", "--round-timeout", "8", "--run-id", run, "--out", str(tmp_path / "out"),
+        *drive_argv(stack, *experiment_flags("feddf", 1)),
+        "--clients",
+        "4",
+        "--seed",
+        "0",
+        "--fail-rate",
+        "0.3",
+        "--fail-kinds",
+        "timeout",
+        "-c",
+        "fail-hang-seconds=60",
+        "--round-timeout",
+        "8",
+        "--run-id",
+        run,
+        "--out",
+        str(tmp_path / "out"),
     ]
     t0 = time.perf_counter()
     assert main(argv) == 0
@@ -400,7 +542,10 @@ def test_a_straggler_is_cut_by_the_round_deadline_on_the_emulators(stack, tmp_pa
     (row,) = json.loads((tmp_path / "out" / "result.json").read_text())["rounds"]
     assert row["replies"] == 3
     (dropped,) = row["dropped"]
-    assert dropped["node"] == node_id_for("client-3") and "no reply within the round deadline of 8.0s" in dropped["reason"]
+    assert (
+        dropped["node"] == node_id_for("client-3")
+        and "no reply within the round deadline of 8.0s" in dropped["reason"]
+    )
     doc = invocation_docs(run, 1)[1]["client-3:train"]
     assert doc["dropped"] == dropped["reason"] and doc["status"] == "failed", doc
     assert "attempt 1: injected fault 'timeout'" in doc["events"]

@@ -15,7 +15,10 @@ def test_round_table_and_summary_print_to_the_stdout_of_the_moment():
     summary then depends on which test imported flwr_kd.report first."""
     from flwr_kd.report import RoundRecorder, print_summary  # imported before the redirect
 
-    result = {"rounds": [{"accuracy": {"resnet10t": 0.5}}], "baselines": {"local_only": {"resnet10t": 0.25}}}
+    result = {
+        "rounds": [{"accuracy": {"resnet10t": 0.5}}],
+        "baselines": {"local_only": {"resnet10t": 0.25}},
+    }
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         recorder = RoundRecorder(["resnet10t"], lambda server_round, arrays: {"resnet10t": 0.5})

@@ -163,9 +163,13 @@ def secure_client(cloud_env, signer, tmp_path_factory):
     ensure_bucket(BUCKET)
     log_dir = tmp_path_factory.mktemp("security-logs")
     env = function_env(
-        BUCKET, FLWR_KD_CLIENT_ID="client-0", FLWR_KD_ARCH="resnet10t",
-        FLWR_KD_DATA_PREFIX="clients/client-0/data/", FLWR_KD_VERIFY_TOKENS="1",
-        FLWR_KD_INVOKER=INVOKER, FLWR_KD_TOKEN_CERTS_URL=signer.certs_url,
+        BUCKET,
+        FLWR_KD_CLIENT_ID="client-0",
+        FLWR_KD_ARCH="resnet10t",
+        FLWR_KD_DATA_PREFIX="clients/client-0/data/",
+        FLWR_KD_VERIFY_TOKENS="1",
+        FLWR_KD_INVOKER=INVOKER,
+        FLWR_KD_TOKEN_CERTS_URL=signer.certs_url,
     )
     fn = started(FunctionProcess, CLOUD_MAIN, "client", env, "client-secure", log_dir)
     try:
@@ -224,7 +228,9 @@ def test_token_issued_in_the_future_is_401(secure_client, signer):
     assert "too early" in error
 
 
-@pytest.mark.parametrize("audience", ["http://127.0.0.1:1", "https://other-function.a.run.app", "{url}/other"])
+@pytest.mark.parametrize(
+    "audience", ["http://127.0.0.1:1", "https://other-function.a.run.app", "{url}/other"]
+)
 def test_wrong_audience_is_401(secure_client, signer, audience):
     audience = audience.format(url=secure_client.url)
     token = signer.token(audience)
@@ -237,7 +243,9 @@ def test_token_without_audience_is_401(secure_client, signer):
     assert "audience None" in error
 
 
-@pytest.mark.parametrize("issuer", ["https://evil.example.com", "accounts.google.com.evil.example", None])
+@pytest.mark.parametrize(
+    "issuer", ["https://evil.example.com", "accounts.google.com.evil.example", None]
+)
 def test_wrong_issuer_is_401(secure_client, signer, issuer):
     token = signer.token(secure_client.url, iss=issuer)
     error = error_of(secure_client.post(f"Bearer {token}"), 401)
@@ -289,11 +297,24 @@ def bad_tokens(signer: Signer, audience: str) -> dict[str, str]:
 
 def assert_not_echoed(token: str, text: str, where: str) -> None:
     """Neither the token nor its signature (what makes it a bearer credential) is in `text`."""
-    leaked = [name for name, part in (("token", token), ("signature", token.split(".")[-1])) if part in text]
-    assert not leaked, f"{where} echoes the bearer token's {' and '.join(leaked)}: {text[:120]!r}..."
+    leaked = [
+        name
+        for name, part in (("token", token), ("signature", token.split(".")[-1]))
+        if part in text
+    ]
+    assert not leaked, (
+        f"{where} echoes the bearer token's {' and '.join(leaked)}: {text[:120]!r}..."
+    )
 
 
-BAD_TOKEN_KINDS = ["other-key", "expired", "wrong-audience", "extra-segment", "missing-segment", "header-not-json"]
+BAD_TOKEN_KINDS = [
+    "other-key",
+    "expired",
+    "wrong-audience",
+    "extra-segment",
+    "missing-segment",
+    "header-not-json",
+]
 
 
 @pytest.fixture
@@ -328,7 +349,11 @@ def test_bad_token_not_in_response_or_log(secure_client, signer, kind):
     resp = secure_client.post(f"Bearer {token}")
     error_of(resp, 401)
     assert_not_echoed(token, resp.text, "the response")
-    log = secure_client.log_path.read_text(errors="replace") if secure_client.log_path.exists() else ""
+    log = (
+        secure_client.log_path.read_text(errors="replace")
+        if secure_client.log_path.exists()
+        else ""
+    )
     assert_not_echoed(token, log, "the function's log")
 
 
@@ -354,7 +379,9 @@ def test_no_secret_is_committed():
     """Functions authenticate as their runtime service account and the driver with Application
     Default Credentials: nothing the repository tracks may hold a key or token."""
     root = Path(__file__).resolve().parents[1]
-    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True, check=True).stdout.split(b"\0")
+    tracked = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=root, capture_output=True, check=True
+    ).stdout.split(b"\0")
     files = [root / name.decode() for name in tracked if name]
     assert len(files) > 50, "git ls-files found too little: is this a checkout?"
     found = []
@@ -362,12 +389,22 @@ def test_no_secret_is_committed():
         if not path.is_file():
             continue
         text = path.read_bytes().decode("utf-8", errors="replace")
-        found += [f"{path.relative_to(root)}: {what}" for what, pattern in SECRET_PATTERNS.items() if pattern.search(text)]
+        found += [
+            f"{path.relative_to(root)}: {what}"
+            for what, pattern in SECRET_PATTERNS.items()
+            if pattern.search(text)
+        ]
     assert not found, found
 
 
 def test_the_secret_scan_would_find_a_key():
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(  # as a key file holds it
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    ).decode()
+    key = (
+        rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        .private_bytes(  # as a key file holds it
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        .decode()
+    )
     assert SECRET_PATTERNS["a private key"].search(key)

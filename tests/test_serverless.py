@@ -91,7 +91,11 @@ def assert_same_arrays(got: dict, expected: dict) -> None:
 
 def test_array_store_round_trip_is_checksummed(store):
     rng = np.random.default_rng(0)
-    arrays = {"w": rng.standard_normal((3, 4)).astype(np.float32), "n": np.arange(5), "scalar": np.asarray(7)}
+    arrays = {
+        "w": rng.standard_normal((3, 4)).astype(np.float32),
+        "n": np.arange(5),
+        "scalar": np.asarray(7),
+    }
     name = f"{unique('rt')}/arrays.npz"
     written = store.put(name, arrays, metadata={"kind": "test"})
     blob = storage_client().bucket(STORES_BUCKET).get_blob(name)
@@ -138,14 +142,32 @@ def test_truncated_object_fails_its_checksum(store, raw_bucket):
 
 def test_missing_object_is_named(store):
     name = f"{unique('missing')}/arrays.npz"
-    with pytest.raises(ArrayStoreError, match=re.escape(f"gs://{STORES_BUCKET}/{name} does not exist")):
+    with pytest.raises(
+        ArrayStoreError, match=re.escape(f"gs://{STORES_BUCKET}/{name} does not exist")
+    ):
         store.get(name)
 
 
-@pytest.mark.parametrize("name", ["../escape.npz", "a/../../b.npz", "/absolute.npz", "with space.npz", "semi;colon.npz", "", "x\n.npz", "ünï.npz"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../escape.npz",
+        "a/../../b.npz",
+        "/absolute.npz",
+        "with space.npz",
+        "semi;colon.npz",
+        "",
+        "x\n.npz",
+        "ünï.npz",
+    ],
+)
 def test_unsafe_names_are_rejected_before_any_request(store, name):
     before = list_objects(STORES_BUCKET)
-    for call in (lambda: store.put(name, {"v": np.zeros(1)}), lambda: store.get(name), lambda: store.exists(name)):
+    for call in (
+        lambda: store.put(name, {"v": np.zeros(1)}),
+        lambda: store.get(name),
+        lambda: store.exists(name),
+    ):
         with pytest.raises(ArrayStoreError, match="unsafe object name"):
             call()
     assert list_objects(STORES_BUCKET) == before
@@ -195,7 +217,12 @@ def test_create_run_twice_names_resume():
     with pytest.raises(ValueError, match=f"--resume {run}"):
         rounds.create_run(run, {"num-clients": 4}, "fedmd")
     doc = rounds.get_run(run)
-    assert (doc["status"], doc["strategy"], doc["last_done_round"], doc["config"]) == (RUNNING, "feddf", 0, {"num-clients": 3})
+    assert (doc["status"], doc["strategy"], doc["last_done_round"], doc["config"]) == (
+        RUNNING,
+        "feddf",
+        0,
+        {"num-clients": 3},
+    )
     with pytest.raises(KeyError, match="no run"):
         rounds.get_run(unique("absent"))
 
@@ -218,9 +245,15 @@ def test_finish_round_marks_done_and_stores_state():
     rounds.create_run(run, {}, "feddf")
     rounds.start_round(run, 1)
     assert rounds.rounds(run)[0]["status"] == RUNNING
-    rounds.finish_round(run, 1, {"replies": 3}, {"arrays": f"runs/{run}/rounds/1/global.npz", "round": 1})
+    rounds.finish_round(
+        run, 1, {"replies": 3}, {"arrays": f"runs/{run}/rounds/1/global.npz", "round": 1}
+    )
     (doc,) = rounds.rounds(run)
-    assert (doc["status"], doc["round"], doc["replies"]) == (DONE, 1, 3) and "ended" in doc and "started" in doc
+    assert (
+        (doc["status"], doc["round"], doc["replies"]) == (DONE, 1, 3)
+        and "ended" in doc
+        and "started" in doc
+    )
     run_doc = rounds.get_run(run)
     assert run_doc["last_done_round"] == 1
     assert run_doc["state"] == {"arrays": f"runs/{run}/rounds/1/global.npz", "round": 1}
@@ -245,20 +278,33 @@ def test_wire_round_trip_offloads_only_large_records(store):
     big = {"w": rng.standard_normal((200, 100)).astype(np.float32), "b": np.arange(3)}  # ~80 KB
     small = {"x": np.arange(10, dtype=np.int16)}
     msg = make_message(
-        {"big": ArrayRecord({k: Array(v) for k, v in big.items()}), "small": ArrayRecord({k: Array(v) for k, v in small.items()}),
-         "config": ConfigRecord({"arch": "resnet10t", "server-round": 1})},
-        dst=42, message_type="train", message_id=f"{run}.r1.client-0.train",
+        {
+            "big": ArrayRecord({k: Array(v) for k, v in big.items()}),
+            "small": ArrayRecord({k: Array(v) for k, v in small.items()}),
+            "config": ConfigRecord({"arch": "resnet10t", "server-round": 1}),
+        },
+        dst=42,
+        message_type="train",
+        message_id=f"{run}.r1.client-0.train",
     )
     prefix = f"runs/{run}/rounds/1/messages/client-0/{run}.r1.client-0.train"
     body, written = wire.encode(msg, run=run, server_round=1, store=store, prefix=prefix)
     assert body["objects"] == {"big": f"{prefix}/big.npz"}
     assert (body["version"], body["run"], body["round"]) == (1, run, 1)
     assert store.list(f"runs/{run}/") == [f"{prefix}/big.npz"]
-    assert written == storage_client().bucket(STORES_BUCKET).get_blob(f"{prefix}/big.npz").size > 80_000
+    assert (
+        written
+        == storage_client().bucket(STORES_BUCKET).get_blob(f"{prefix}/big.npz").size
+        > 80_000
+    )
     assert len(wire.to_json(body)) < 10_000  # the large record travels by reference only
 
     back = wire.decode(json.loads(wire.to_json(body)), store)
-    assert (back.metadata.dst_node_id, back.metadata.message_type, back.metadata.message_id) == (42, "train", msg.metadata.message_id)
+    assert (back.metadata.dst_node_id, back.metadata.message_type, back.metadata.message_id) == (
+        42,
+        "train",
+        msg.metadata.message_id,
+    )
     assert_same_arrays({k: v.numpy() for k, v in back.content["big"].items()}, big)
     assert_same_arrays({k: v.numpy() for k, v in back.content["small"].items()}, small)
     assert dict(back.content["config"]) == {"arch": "resnet10t", "server-round": 1}
@@ -270,11 +316,20 @@ def test_wire_round_trip_offloads_only_large_records(store):
 @pytest.mark.usefixtures("server_task_identity")
 def test_wire_small_message_travels_inline(store):
     run = unique("wire")
-    msg = make_message({"small": ArrayRecord({"x": Array(np.arange(10))})}, dst=7, message_type="query.architecture", message_id="m")
-    body, written = wire.encode(msg, run=run, server_round=0, store=store, prefix=f"runs/{run}/rounds/0/messages/m")
+    msg = make_message(
+        {"small": ArrayRecord({"x": Array(np.arange(10))})},
+        dst=7,
+        message_type="query.architecture",
+        message_id="m",
+    )
+    body, written = wire.encode(
+        msg, run=run, server_round=0, store=store, prefix=f"runs/{run}/rounds/0/messages/m"
+    )
     assert (body["objects"], written) == ({}, 0)
     assert store.list(f"runs/{run}/") == []
-    np.testing.assert_array_equal(wire.decode(body, store).content["small"]["x"].numpy(), np.arange(10))
+    np.testing.assert_array_equal(
+        wire.decode(body, store).content["small"]["x"].numpy(), np.arange(10)
+    )
 
 
 GOOD_ENVELOPE = {"version": 1, "run": "r", "round": 1, "message": "", "objects": {}}
@@ -310,8 +365,12 @@ def test_parse_envelope_names_the_bad_field(change, named):
 def test_decode_names_bad_message_and_objects(store):
     with pytest.raises(wire.WireError, match="field 'message'"):
         wire.decode({**GOOD_ENVELOPE, "message": "not base64 !!"}, store)
-    msg = make_message({"config": ConfigRecord({"a": 1})}, dst=1, message_type="train", message_id="m")
-    body, _ = wire.encode(msg, run="r", server_round=1, store=store, prefix="runs/r/rounds/1/messages/m")
+    msg = make_message(
+        {"config": ConfigRecord({"a": 1})}, dst=1, message_type="train", message_id="m"
+    )
+    body, _ = wire.encode(
+        msg, run="r", server_round=1, store=store, prefix="runs/r/rounds/1/messages/m"
+    )
     with pytest.raises(wire.WireError, match="record 'arrays'"):
         wire.decode({**body, "objects": {"arrays": 5}}, store)
 
@@ -328,18 +387,38 @@ def post(url: str, data: bytes, content_type: str | None = "application/json") -
 def deployed_data_config() -> dict:
     from flwr_kd.cli import _parser, config_from_args
 
-    return config_from_args(_parser().parse_args(["cloud", "run", *experiment_flags()])).data_spec.to_config()
+    return config_from_args(
+        _parser().parse_args(["cloud", "run", *experiment_flags()])
+    ).data_spec.to_config()
 
 
-def envelope(run: str, *, to: str = "client-0", arch: str | None = None, server_round: int = 0,
-             message_type: str = protocol.DESCRIBE, objects: dict | None = None, message_id: str | None = None,
-             records: dict | None = None, config: dict | None = None) -> bytes:
+def envelope(
+    run: str,
+    *,
+    to: str = "client-0",
+    arch: str | None = None,
+    server_round: int = 0,
+    message_type: str = protocol.DESCRIBE,
+    objects: dict | None = None,
+    message_id: str | None = None,
+    records: dict | None = None,
+    config: dict | None = None,
+) -> bytes:
     """A client message as the driver sends it (Flower proto in the JSON envelope), for the data
     split the `deployment` fixture uploaded; `records` are added to its content (inline) and
     `config` to its config."""
-    config = {**deployed_data_config(), "server-round": server_round, **({"arch": arch} if arch else {}), **(config or {})}
-    msg = make_message({protocol.CONFIG: ConfigRecord(config), **(records or {})}, dst=node_id_for(to), message_type=message_type,
-                       message_id=message_id or f"{run}.r{server_round}.{to}.{message_type}")
+    config = {
+        **deployed_data_config(),
+        "server-round": server_round,
+        **({"arch": arch} if arch else {}),
+        **(config or {}),
+    }
+    msg = make_message(
+        {protocol.CONFIG: ConfigRecord(config), **(records or {})},
+        dst=node_id_for(to),
+        message_type=message_type,
+        message_id=message_id or f"{run}.r{server_round}.{to}.{message_type}",
+    )
     body, _ = wire.encode(msg, run=run, server_round=server_round, store=None, prefix="unused")
     return wire.to_json({**body, "objects": objects or {}})
 
@@ -359,7 +438,12 @@ def boundary_case(case: str, run: str) -> tuple[bytes, str | None, int, list[str
     if case == "empty-body":
         return b"", js, 400, ["empty body"]
     if case == "not-json-content-type":
-        return envelope(run), "text/plain", 415, ["content type must be application/json", "text/plain"]
+        return (
+            envelope(run),
+            "text/plain",
+            415,
+            ["content type must be application/json", "text/plain"],
+        )
     if case == "no-content-type":
         return envelope(run), None, 415, ["content type must be application/json"]
     if case == "oversized":
@@ -367,33 +451,88 @@ def boundary_case(case: str, run: str) -> tuple[bytes, str | None, int, list[str
     if case == "not-an-object":
         return b"[1, 2]", js, 400, ["JSON object"]
     if case == "bad-version":
-        return json.dumps({**json.loads(envelope(run)), "version": 9}).encode(), js, 400, ["version 9"]
+        return (
+            json.dumps({**json.loads(envelope(run)), "version": 9}).encode(),
+            js,
+            400,
+            ["version 9"],
+        )
     if case == "missing-round":
         body = json.loads(envelope(run))
         del body["round"]
         return json.dumps(body).encode(), js, 400, ["field 'round'"]
     if case == "bad-message":
-        return json.dumps({**json.loads(envelope(run)), "message": "%%%"}).encode(), js, 400, ["field 'message'"]
+        return (
+            json.dumps({**json.loads(envelope(run)), "message": "%%%"}).encode(),
+            js,
+            400,
+            ["field 'message'"],
+        )
     if case == "unknown-run":
         other = unique("no-such-run")
         return envelope(other), js, 404, [f"unknown run '{other}'"]
     if case == "other-node":
-        return envelope(run, to="client-1"), js, 400, [f"addressed to node {node_id_for('client-1')}", "'client-0'"]
+        return (
+            envelope(run, to="client-1"),
+            js,
+            400,
+            [f"addressed to node {node_id_for('client-1')}", "'client-0'"],
+        )
     if case == "wrong-architecture":
-        return envelope(run, arch="test_vit"), js, 400, ["architecture 'test_vit'", "runs 'resnet10t'"]
+        return (
+            envelope(run, arch="test_vit"),
+            js,
+            400,
+            ["architecture 'test_vit'", "runs 'resnet10t'"],
+        )
     if case == "wrong-shaped-weights":  # a train message whose weights are not resnet10t's
         weights = ArrayRecord({"conv1.weight": Array(np.zeros((2, 2), np.float32))})
-        return envelope(run, arch="resnet10t", message_type=protocol.TRAIN, records={protocol.ARRAYS: weights}), js, 400, ["weights do not fit 'resnet10t'"]
+        return (
+            envelope(
+                run,
+                arch="resnet10t",
+                message_type=protocol.TRAIN,
+                records={protocol.ARRAYS: weights},
+            ),
+            js,
+            400,
+            ["weights do not fit 'resnet10t'"],
+        )
     if case == "wrong-shaped-public":  # public inputs of another image size
         public = ArrayRecord({"x": Array(np.zeros((4, 1, 28, 28), np.float32))})
-        return envelope(run, arch="resnet10t", message_type=protocol.TRAIN, records={protocol.PUBLIC: public}), js, 400, ["public inputs must have shape (n, 1, 16, 16)", "(4, 1, 28, 28)"]
+        return (
+            envelope(
+                run,
+                arch="resnet10t",
+                message_type=protocol.TRAIN,
+                records={protocol.PUBLIC: public},
+            ),
+            js,
+            400,
+            ["public inputs must have shape (n, 1, 16, 16)", "(4, 1, 28, 28)"],
+        )
     if case == "unknown-round":  # the boundary run has 3 rounds (0 is set-up)
-        return envelope(run, server_round=4), js, 404, [f"unknown round 4 of run '{run}'", "rounds 0-3"]
+        return (
+            envelope(run, server_round=4),
+            js,
+            404,
+            [f"unknown round 4 of run '{run}'", "rounds 0-3"],
+        )
     if case == "bad-fault-settings":  # fault injection asked for with a kind that does not exist
-        return envelope(run, arch="resnet10t", config={"fail-rate": 0.5, "fail-kinds": "meteor"}), js, 400, ["bad fault-injection settings", "meteor"]
+        return (
+            envelope(run, arch="resnet10t", config={"fail-rate": 0.5, "fail-kinds": "meteor"}),
+            js,
+            400,
+            ["bad fault-injection settings", "meteor"],
+        )
     own = f"runs/{run}/rounds/0/messages/client-0/"
     if case == "object-outside-messages":  # e.g. another client's private data
-        return envelope(run, objects={"arrays": "clients/client-1/data/private.npz"}), js, 403, [f"must lie under {own}"]
+        return (
+            envelope(run, objects={"arrays": "clients/client-1/data/private.npz"}),
+            js,
+            403,
+            [f"must lie under {own}"],
+        )
     if case == "object-of-another-client":
         obj = f"runs/{run}/rounds/0/messages/client-1/m/arrays.npz"
         return envelope(run, objects={"arrays": obj}), js, 403, [f"must lie under {own}"]
@@ -409,10 +548,27 @@ def boundary_case(case: str, run: str) -> tuple[bytes, str | None, int, list[str
 
 
 BOUNDARY_CASES = [
-    "malformed-json", "empty-body", "not-json-content-type", "no-content-type", "oversized", "not-an-object",
-    "bad-version", "missing-round", "bad-message", "unknown-run", "other-node", "wrong-architecture",
-    "object-outside-messages", "object-of-another-client", "object-of-another-round", "object-not-a-string",
-    "missing-object", "wrong-shaped-weights", "wrong-shaped-public", "bad-fault-settings", "unknown-round",
+    "malformed-json",
+    "empty-body",
+    "not-json-content-type",
+    "no-content-type",
+    "oversized",
+    "not-an-object",
+    "bad-version",
+    "missing-round",
+    "bad-message",
+    "unknown-run",
+    "other-node",
+    "wrong-architecture",
+    "object-outside-messages",
+    "object-of-another-client",
+    "object-of-another-round",
+    "object-not-a-string",
+    "missing-object",
+    "wrong-shaped-weights",
+    "wrong-shaped-public",
+    "bad-fault-settings",
+    "unknown-round",
 ]
 
 
@@ -468,11 +624,18 @@ def test_retry_after_an_instance_crashed_mid_call_is_served(live_deployment):
     rounds = RoundStore()
     rounds.create_run(run, {}, "feddf")
     message_id = f"{run}.r0.client-0.{protocol.DESCRIBE}"
-    rounds.invocation_ref(run, 0, f"client-0:{protocol.DESCRIBE}").create({
-        "status": RUNNING, "message_id": message_id, "attempts": 1,
-        "started": datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(hours=2),
-    })
-    resp = post(live_deployment.clients["client-0"].url, envelope(run, arch="resnet10t", message_id=message_id))
+    rounds.invocation_ref(run, 0, f"client-0:{protocol.DESCRIBE}").create(
+        {
+            "status": RUNNING,
+            "message_id": message_id,
+            "attempts": 1,
+            "started": datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(hours=2),
+        }
+    )
+    resp = post(
+        live_deployment.clients["client-0"].url,
+        envelope(run, arch="resnet10t", message_id=message_id),
+    )
     assert resp.status_code == 200, resp.text
 
 
@@ -491,15 +654,21 @@ def expected_invocations(strategy: str, num_rounds: int) -> dict[int, set[str]]:
     expected = {0: {f"{c}:query.architecture" for c in CLIENT_IDS}}
     for r in range(1, num_rounds + 1):
         if strategy == "feddf":
-            expected[r] = {f"{c}:train" for c in CLIENT_IDS} | {f"aggregator:{a}:task-distill-{i}" for i, a in enumerate(ARCHS)}
+            expected[r] = {f"{c}:train" for c in CLIENT_IDS} | {
+                f"aggregator:{a}:task-distill-{i}" for i, a in enumerate(ARCHS)
+            }
         else:
             expected[r] = {f"{c}:train.fedmd" for c in CLIENT_IDS}
     if strategy == "fedmd":  # transfer learning on the aggregators, then the init phase
-        expected[0] |= {f"{c}:train.fedmd" for c in CLIENT_IDS} | {f"aggregator:{a}:task-train-{i}" for i, a in enumerate(ARCHS)}
+        expected[0] |= {f"{c}:train.fedmd" for c in CLIENT_IDS} | {
+            f"aggregator:{a}:task-train-{i}" for i, a in enumerate(ARCHS)
+        }
     return expected
 
 
-def check_result(result: dict, run: str, bucket: str, strategy: str, rounds: list[int], resumed_after: int = 0) -> None:
+def check_result(
+    result: dict, run: str, bucket: str, strategy: str, rounds: list[int], resumed_after: int = 0
+) -> None:
     """result.json of a serverless run: simulate's report plus the serverless summary."""
     assert result["config"]["strategy"] == strategy and result["config"]["num-clients"] == 3
     assert result["architectures"] == {"resnet10t": 2, "test_vit": 1}
@@ -508,27 +677,57 @@ def check_result(result: dict, run: str, bucket: str, strategy: str, rounds: lis
         assert set(row["accuracy"]) == set(ARCHS), row
         assert all(0.0 <= v <= 1.0 for v in row["accuracy"].values()), row
     serverless = result["serverless"]
-    assert (serverless["run"], serverless["bucket"], serverless["resumed_after_round"]) == (run, bucket, resumed_after)
+    assert (serverless["run"], serverless["bucket"], serverless["resumed_after_round"]) == (
+        run,
+        bucket,
+        resumed_after,
+    )
     inv = serverless["invocations"]
-    for key in ("calls", "failed_calls", "mean_call_seconds", "mean_compute_seconds", "mean_overhead_seconds", "overhead_share", "bytes_per_round"):
+    for key in (
+        "calls",
+        "failed_calls",
+        "mean_call_seconds",
+        "mean_compute_seconds",
+        "mean_overhead_seconds",
+        "overhead_share",
+        "bytes_per_round",
+    ):
         assert key in inv, key
     assert inv["mean_call_seconds"] >= inv["mean_compute_seconds"] > 0
-    assert inv["mean_overhead_seconds"] == pytest.approx(inv["mean_call_seconds"] - inv["mean_compute_seconds"], abs=1e-3)
+    assert inv["mean_overhead_seconds"] == pytest.approx(
+        inv["mean_call_seconds"] - inv["mean_compute_seconds"], abs=1e-3
+    )
     assert 0 <= inv["overhead_share"] < 1
     assert all(b > 0 for b in inv["bytes_per_round"].values()), inv["bytes_per_round"]
 
 
-def check_stores(run: str, bucket: str, strategy: str, num_rounds: int) -> dict[int, dict[str, dict]]:
+def check_stores(
+    run: str, bucket: str, strategy: str, num_rounds: int
+) -> dict[int, dict[str, dict]]:
     """Firestore and Cloud Storage after a finished run; returns the invocation documents."""
     rounds = RoundStore()
     run_doc = rounds.get_run(run)
-    assert (run_doc["status"], run_doc["strategy"], run_doc["last_done_round"]) == (DONE, strategy, num_rounds)
-    assert run_doc["state"] == {"arrays": f"runs/{run}/rounds/{num_rounds}/global.npz", "round": num_rounds}
+    assert (run_doc["status"], run_doc["strategy"], run_doc["last_done_round"]) == (
+        DONE,
+        strategy,
+        num_rounds,
+    )
+    assert run_doc["state"] == {
+        "arrays": f"runs/{run}/rounds/{num_rounds}/global.npz",
+        "round": num_rounds,
+    }
     assert set(run_doc["result"]["final_accuracy"]) == set(ARCHS)
     round_docs = rounds.rounds(run)
-    assert [(d["round"], d["status"]) for d in round_docs] == [(r, DONE) for r in range(1, num_rounds + 1)]
+    assert [(d["round"], d["status"]) for d in round_docs] == [
+        (r, DONE) for r in range(1, num_rounds + 1)
+    ]
     for doc in round_docs:
-        assert doc["replies"] == 3 and doc["dropped"] == [] and doc["bytes"]["down"] > 0 and doc["bytes"]["up"] > 0
+        assert (
+            doc["replies"] == 3
+            and doc["dropped"] == []
+            and doc["bytes"]["down"] > 0
+            and doc["bytes"]["up"] > 0
+        )
 
     docs = invocation_docs(run, num_rounds)
     assert {r: set(d) for r, d in docs.items()} == expected_invocations(strategy, num_rounds)
@@ -543,7 +742,10 @@ def check_stores(run: str, bucket: str, strategy: str, num_rounds: int) -> dict[
     unexpected = [o for o in objects if not any(p.match(o) for p in patterns)]
     assert not unexpected, unexpected
     for name in list_objects(bucket):  # nothing outside the documented prefixes
-        assert re.match(r"(public/[0-9a-f]{16}/(data|test)\.npz|clients/client-\d/(data/[0-9a-f]{16}/private|state/node-\d+)\.npz|runs/.+)$", name), name
+        assert re.match(
+            r"(public/[0-9a-f]{16}/(data|test)\.npz|clients/client-\d/(data/[0-9a-f]{16}/private|state/node-\d+)\.npz|runs/.+)$",
+            name,
+        ), name
 
     store = GcsArrayStore(bucket)
     for r in range(1, num_rounds + 1):
@@ -558,9 +760,17 @@ def check_stores(run: str, bucket: str, strategy: str, num_rounds: int) -> dict[
                 assert docs[r][f"{c}:train"]["objects"] == sorted([weights, logits])
                 assert store.get(logits)["logits"].shape == (100, 10)  # subset-size x classes
                 arch = arch_of(c)
-                assert set(store.get(weights)) == {k.split("/", 1)[1] for k in glob if k.startswith(arch + "/")}
-                for record in ("arrays", "public"):  # the global model and the round's public inputs
-                    assert f"runs/{run}/rounds/{r}/messages/{c}/{run}.r{r}.{c}.train/{record}.npz" in objects
+                assert set(store.get(weights)) == {
+                    k.split("/", 1)[1] for k in glob if k.startswith(arch + "/")
+                }
+                for record in (
+                    "arrays",
+                    "public",
+                ):  # the global model and the round's public inputs
+                    assert (
+                        f"runs/{run}/rounds/{r}/messages/{c}/{run}.r{r}.{c}.train/{record}.npz"
+                        in objects
+                    )
             for i, a in enumerate(ARCHS):
                 assert f"runs/{run}/rounds/{r}/aggregators/{a}/student.npz" in objects
                 assert f"runs/{run}/rounds/{r}/aggregators/{a}/task-distill-{i}.npz" in objects
@@ -569,7 +779,9 @@ def check_stores(run: str, bucket: str, strategy: str, num_rounds: int) -> dict[
             assert f"runs/{run}/rounds/0/aggregators/{a}/pretrained.npz" in objects
             assert f"runs/{run}/rounds/0/aggregators/{a}/task-train-{i}.npz" in objects
         for c in CLIENT_IDS:
-            assert f"runs/{run}/rounds/0/messages/{c}/{run}.r0.{c}.train.fedmd/arrays.npz" in objects  # pretrained weights
+            assert (
+                f"runs/{run}/rounds/0/messages/{c}/{run}.r0.{c}.train.fedmd/arrays.npz" in objects
+            )  # pretrained weights
             state = f"clients/{c}/state/node-{node_id_for(c)}.npz"
             assert store.exists(state), state
     return docs
@@ -590,8 +802,20 @@ def feddf_emulated(cloud_env, tmp_path_factory):
 @pytest.fixture(scope="module")
 def fedmd_emulated(cloud_env, tmp_path_factory):
     run, out = unique("fedmd"), tmp_path_factory.mktemp("fedmd-emulate")
-    cache = tmp_path_factory.mktemp("pretrain-cache")  # empty: transfer learning runs on the aggregators
-    run_cli(["cloud", "emulate", *experiment_flags("fedmd", 2, "-c", f"cache-dir={cache}"), "--run-id", run, "--out", str(out)])
+    cache = tmp_path_factory.mktemp(
+        "pretrain-cache"
+    )  # empty: transfer learning runs on the aggregators
+    run_cli(
+        [
+            "cloud",
+            "emulate",
+            *experiment_flags("fedmd", 2, "-c", f"cache-dir={cache}"),
+            "--run-id",
+            run,
+            "--out",
+            str(out),
+        ]
+    )
     return run, json.loads((out / "result.json").read_text())
 
 
@@ -605,7 +829,9 @@ def test_emulate_feddf_end_to_end(feddf_emulated):
     assert (inv["calls"], inv["failed_calls"]) == (3 + 3 * 2, 0)  # describe once, train per round
     assert set(inv["bytes_per_round"]) == {"0", "1", "2"}
     calls = result["serverless"]["aggregator_calls"]
-    assert sorted((c["round"], c["arch"], c["kind"]) for c in calls) == sorted((r, a, "distill") for r in (1, 2) for a in ARCHS)
+    assert sorted((c["round"], c["arch"], c["kind"]) for c in calls) == sorted(
+        (r, a, "distill") for r in (1, 2) for a in ARCHS
+    )
     check_stores(run, EMULATE_BUCKET, "feddf", 2)
 
 
@@ -617,9 +843,14 @@ def test_emulate_fedmd_end_to_end(fedmd_emulated):
     assert set(result["transfer_learning"]["trained"]) == set(ARCHS)
     assert set(result["baselines"]["transfer_only"]) == set(ARCHS)
     inv = result["serverless"]["invocations"]
-    assert (inv["calls"], inv["failed_calls"]) == (3 + 3 + 3 * 2, 0)  # describe, init, one per round
+    assert (inv["calls"], inv["failed_calls"]) == (
+        3 + 3 + 3 * 2,
+        0,
+    )  # describe, init, one per round
     calls = result["serverless"]["aggregator_calls"]
-    assert sorted((c["round"], c["arch"], c["kind"]) for c in calls) == sorted((0, a, "train") for a in ARCHS)
+    assert sorted((c["round"], c["arch"], c["kind"]) for c in calls) == sorted(
+        (0, a, "train") for a in ARCHS
+    )
     check_stores(run, EMULATE_BUCKET, "fedmd", 2)
 
 
@@ -637,7 +868,15 @@ def test_client_logits_are_kept_in_cloud_storage(feddf_emulated):
 
 def driver_argv(dep, tmp_path, *flags: str) -> list[str]:
     outputs = dep.write_outputs(tmp_path / "outputs.json")
-    return ["cloud", "run", "--outputs", str(outputs), "--no-auth", "--skip-active-check", *flags]  # no Functions API locally
+    return [
+        "cloud",
+        "run",
+        "--outputs",
+        str(outputs),
+        "--no-auth",
+        "--skip-active-check",
+        *flags,
+    ]  # no Functions API locally
 
 
 @pytest.mark.parametrize("kill_at", ["between-rounds", "aggregation"])
@@ -647,9 +886,18 @@ def test_resume_after_the_driver_is_killed(live_deployment, tmp_path, kill_at):
     answered from their records, not computed again."""
     run = unique("resume")
     # while killed during distillation, a longer distillation keeps the kill inside that window
-    flags = experiment_flags("feddf", 3, *(["--distill-steps", "100"] if kill_at == "aggregation" else []))
+    flags = experiment_flags(
+        "feddf", 3, *(["--distill-steps", "100"] if kill_at == "aggregation" else [])
+    )
     log = tmp_path / "driver.log"
-    argv = [sys.executable, "-m", "flwr_kd.cli", *driver_argv(live_deployment, tmp_path, *flags, "--run-id", run, "--out", str(tmp_path / "killed"))]
+    argv = [
+        sys.executable,
+        "-m",
+        "flwr_kd.cli",
+        *driver_argv(
+            live_deployment, tmp_path, *flags, "--run-id", run, "--out", str(tmp_path / "killed")
+        ),
+    ]
     rounds = RoundStore()
 
     def last_done() -> int:
@@ -657,19 +905,31 @@ def test_resume_after_the_driver_is_killed(live_deployment, tmp_path, kill_at):
         return snap.to_dict().get("last_done_round", 0) if snap.exists else 0
 
     with open(log, "wb") as out:
-        driver = subprocess.Popen(argv, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        driver = subprocess.Popen(
+            argv, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
         if kill_at == "between-rounds":
             killed_when = lambda: last_done() >= 1
         else:
-            killed_when = lambda: any(d["id"].startswith("aggregator:") for d in rounds.invocations(run, 2))
-        wait_for(killed_when, 240, f"{kill_at} of {run} (driver log: {log})", alive=lambda: driver.poll() is None, interval=0.2)
+            killed_when = lambda: any(
+                d["id"].startswith("aggregator:") for d in rounds.invocations(run, 2)
+            )
+        wait_for(
+            killed_when,
+            240,
+            f"{kill_at} of {run} (driver log: {log})",
+            alive=lambda: driver.poll() is None,
+            interval=0.2,
+        )
     finally:
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
     assert driver.returncode == -signal.SIGKILL, log.read_text()[-3000:]
-    assert last_done() == 1, "the driver got past round 1 before it was killed; the test needs it killed in round 2"
+    assert last_done() == 1, (
+        "the driver got past round 1 before it was killed; the test needs it killed in round 2"
+    )
     assert rounds.get_run(run)["status"] == RUNNING
     assert not (tmp_path / "killed" / "result.json").exists()
 
@@ -679,7 +939,9 @@ def test_resume_after_the_driver_is_killed(live_deployment, tmp_path, kill_at):
     check_result(result, run, DEPLOY_BUCKET, "feddf", [2, 3], resumed_after=1)
     assert sorted({c["round"] for c in result["serverless"]["aggregator_calls"]}) == [2, 3]
     docs = check_stores(run, DEPLOY_BUCKET, "feddf", 3)
-    assert all(doc["attempts"] == 1 for doc in docs[1].values()), docs[1]  # round 1 was not repeated
+    assert all(doc["attempts"] == 1 for doc in docs[1].values()), docs[
+        1
+    ]  # round 1 was not repeated
     # the resumed driver asked the architectures again and was answered from the records
     assert all(doc["attempts"] == 2 for doc in docs[0].values()), docs[0]
     if kill_at == "aggregation":  # round 2's clients had replied: the same replies, computed once
@@ -697,10 +959,16 @@ def test_a_run_with_another_data_split_gets_that_split(live_deployment, tmp_path
 
     run = unique("split")
     flags = experiment_flags("feddf", 1, "-c", "max-private=40")
-    data = load_federated(config_from_args(_parser().parse_args(["cloud", "run", *flags])).data_spec)
+    data = load_federated(
+        config_from_args(_parser().parse_args(["cloud", "run", *flags])).data_spec
+    )
     expected = {c: len(data.client_data(i)[0]) for i, c in enumerate(CLIENT_IDS)}
     try:
-        code = main(driver_argv(live_deployment, tmp_path, *flags, "--run-id", run, "--out", str(tmp_path / "out")))
+        code = main(
+            driver_argv(
+                live_deployment, tmp_path, *flags, "--run-id", run, "--out", str(tmp_path / "out")
+            )
+        )
     except (ValueError, ArrayStoreError):
         return  # refusing to run on a bucket holding another split is fine
     assert code == 0
@@ -731,7 +999,19 @@ def test_client_function_killed_mid_round_is_dropped(live_deployment, tmp_path):
     watcher.start()
     out = tmp_path / "out"
     try:
-        run_cli(driver_argv(live_deployment, tmp_path, *experiment_flags("feddf", 2), "--run-id", run, "--retries", "1", "--out", str(out)))
+        run_cli(
+            driver_argv(
+                live_deployment,
+                tmp_path,
+                *experiment_flags("feddf", 2),
+                "--run-id",
+                run,
+                "--retries",
+                "1",
+                "--out",
+                str(out),
+            )
+        )
     finally:
         stop.set()
         watcher.join()
@@ -750,13 +1030,18 @@ def test_client_function_killed_mid_round_is_dropped(live_deployment, tmp_path):
     assert rounds.get_run(run)["status"] == DONE
     docs = invocation_docs(run, 2)
     assert set(docs[1]) == expected_invocations("feddf", 2)[1]
-    survivors = {f"{c}:train" for c in CLIENT_IDS if c != victim} | {f"aggregator:{a}:task-distill-{i}" for i, a in enumerate(ARCHS)}
+    survivors = {f"{c}:train" for c in CLIENT_IDS if c != victim} | {
+        f"aggregator:{a}:task-distill-{i}" for i, a in enumerate(ARCHS)
+    }
     assert survivors <= set(docs[2])
     assert all(docs[2][call]["status"] == DONE for call in survivors)
     assert docs[2].get(f"{victim}:train", {}).get("status") != DONE  # never finished
     objects = list_objects(DEPLOY_BUCKET, f"runs/{run}/rounds/2/clients/")
     assert objects == sorted(
-        f"runs/{run}/rounds/2/clients/{c}/train/{record}.npz" for c in CLIENT_IDS if c != victim for record in ("arrays", "logits")
+        f"runs/{run}/rounds/2/clients/{c}/train/{record}.npz"
+        for c in CLIENT_IDS
+        if c != victim
+        for record in ("arrays", "logits")
     )
     assert GcsArrayStore(DEPLOY_BUCKET).exists(f"runs/{run}/rounds/2/global.npz")
 
@@ -775,6 +1060,7 @@ def test_an_aggregator_instance_that_dies_mid_task_is_retried(live_deployment, t
         def running():
             snap = rounds.invocation_ref(run, 1, call).get()
             return snap.exists and snap.to_dict().get("status") == RUNNING
+
         try:
             wait_for(running, 240, f"{call} running")
         except AssertionError:
@@ -786,7 +1072,9 @@ def test_an_aggregator_instance_that_dies_mid_task_is_retried(live_deployment, t
     watcher = threading.Thread(target=kill_the_worker_mid_task, daemon=True)
     watcher.start()
     out = tmp_path / "out"
-    flags = experiment_flags("feddf", 1, "--distill-steps", "300")  # a task long enough to be killed in
+    flags = experiment_flags(
+        "feddf", 1, "--distill-steps", "300"
+    )  # a task long enough to be killed in
     run_cli(driver_argv(live_deployment, tmp_path, *flags, "--run-id", run, "--out", str(out)))
     watcher.join()
     assert killed.is_set()
@@ -794,7 +1082,9 @@ def test_an_aggregator_instance_that_dies_mid_task_is_retried(live_deployment, t
     assert result["rounds"][0]["replies"] == 3 and set(result["rounds"][0]["distill"]) == set(ARCHS)
     doc = invocation_docs(run, 1)[1][call]
     assert (doc["status"], doc["attempts"]) == (DONE, 2), doc
-    assert list_objects(DEPLOY_BUCKET, f"runs/{run}/rounds/1/aggregators/{arch}/student.npz") == [f"runs/{run}/rounds/1/aggregators/{arch}/student.npz"]
+    assert list_objects(DEPLOY_BUCKET, f"runs/{run}/rounds/1/aggregators/{arch}/student.npz") == [
+        f"runs/{run}/rounds/1/aggregators/{arch}/student.npz"
+    ]
     assert [(d["round"], d["status"]) for d in rounds.rounds(run)] == [(1, DONE)]
 
 
@@ -802,8 +1092,12 @@ def test_cloud_emulators_serves_both_until_stopped(tmp_path):
     """`flwr-kd cloud emulators` prints the environment of the emulators it started; they work
     (a run created, an object stored), and SIGTERM stops both."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "flwr_kd.cli", "cloud", "emulators"], cwd=tmp_path,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        [sys.executable, "-m", "flwr_kd.cli", "cloud", "emulators"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
     try:
         line = proc.stdout.readline()

@@ -32,7 +32,9 @@ ARCHS = ("resnet10t", "test_vit")
 
 
 def _spec(num_nodes: int, alpha: float | None = None) -> DataSpec:
-    return DataSpec(dataset="digits", num_partitions=num_nodes, alpha=alpha, max_private=20 * num_nodes)
+    return DataSpec(
+        dataset="digits", num_partitions=num_nodes, alpha=alpha, max_private=20 * num_nodes
+    )
 
 
 def _train_config(spec: DataSpec, archs=ARCHS, **extra) -> ConfigRecord:
@@ -124,7 +126,9 @@ def test_feddf_train_messages_carry_the_round_public_subset():
     grid = _grid(n)
     strategy = _feddf(data, subset_size=40, logits_dtype="float32")
     config = _train_config(spec)
-    messages = list(strategy.configure_train(1, pack_models(_initial(data.model_spec)), config, grid))
+    messages = list(
+        strategy.configure_train(1, pack_models(_initial(data.model_spec)), config, grid)
+    )
     subsets = []
     for msg in messages:
         x = msg.content[protocol.PUBLIC]["x"].numpy()
@@ -148,7 +152,9 @@ def test_nodes_of_an_architecture_without_global_model_are_skipped(caplog):
     strategy = HeteroFedAvg(min_available_nodes=n, min_train_nodes=1)
     caplog.set_level(logging.WARNING, logger="flwr")
     messages = list(
-        strategy.configure_train(1, pack_models(_initial(data.model_spec)), _train_config(spec), grid)
+        strategy.configure_train(
+            1, pack_models(_initial(data.model_spec)), _train_config(spec), grid
+        )
     )
     assert strategy.node_arch[node_id_of(2)] == "mobilenetv3_small_050"
     assert sorted(m.metadata.dst_node_id for m in messages) == [node_id_of(0), node_id_of(1)]
@@ -161,12 +167,18 @@ def test_nodes_of_an_architecture_without_global_model_are_skipped(caplog):
 def test_resolve_architecture_prefers_node_config_then_run_config_then_message():
     def ctx(node_config, run_config=None):
         return Context(
-            run_id=1, node_id=5, node_config=node_config, state=RecordDict(), run_config=run_config or {}
+            run_id=1,
+            node_id=5,
+            node_config=node_config,
+            state=RecordDict(),
+            run_config=run_config or {},
         )
 
     assert resolve_architecture(ctx({"partition-id": 3, "arch": "lcnet_050"})) == "lcnet_050"
     assert resolve_architecture(ctx({"partition-id": 3}, {"archs": "a, b"})) == "b"
-    assert resolve_architecture(ctx({"partition-id": 4}, {}), ConfigRecord({"archs": "a,b,c"})) == "b"
+    assert (
+        resolve_architecture(ctx({"partition-id": 4}, {}), ConfigRecord({"archs": "a,b,c"})) == "b"
+    )
     with pytest.raises(ValueError, match="no architecture"):
         resolve_architecture(ctx({"partition-id": 0}))
     with pytest.raises(ValueError, match="partition-id"):
@@ -178,7 +190,9 @@ def test_resolve_architecture_prefers_node_config_then_run_config_then_message()
 
 def _first_float_key(reply: Message) -> str:
     record = reply.content[protocol.ARRAYS]
-    return next(k for k, v in record.items() if v.numpy().dtype == np.float32 and v.numpy().ndim > 1)
+    return next(
+        k for k, v in record.items() if v.numpy().dtype == np.float32 and v.numpy().ndim > 1
+    )
 
 
 def _wrong_arch(reply: Message) -> Message:
@@ -189,7 +203,9 @@ def _wrong_arch(reply: Message) -> Message:
 def _wrong_shape(reply: Message) -> Message:
     key = _first_float_key(reply)
     value = reply.content[protocol.ARRAYS][key].numpy()
-    reply.content[protocol.ARRAYS][key] = Array(np.zeros((value.shape[0] + 1, *value.shape[1:]), value.dtype))
+    reply.content[protocol.ARRAYS][key] = Array(
+        np.zeros((value.shape[0] + 1, *value.shape[1:]), value.dtype)
+    )
     return reply
 
 
@@ -203,7 +219,9 @@ def _nan_weights(reply: Message) -> Message:
 
 def _wrong_logits_shape(reply: Message) -> Message:
     logits = reply.content[protocol.LOGITS]["logits"].numpy()
-    reply.content[protocol.LOGITS]["logits"] = Array(np.zeros((len(logits) - 1, logits.shape[1]), logits.dtype))
+    reply.content[protocol.LOGITS]["logits"] = Array(
+        np.zeros((len(logits) - 1, logits.shape[1]), logits.dtype)
+    )
     return reply
 
 
@@ -267,7 +285,9 @@ def test_bad_replies_are_dropped_with_reasons_and_valid_ones_aggregated(caplog):
         assert weights[0] != weights[1], "precondition: unequal client sizes"
         states = [record_to_state(r.content[protocol.ARRAYS]) for r in group]
         for key, ref in initial[arch].items():
-            mean = sum(w * s[key].astype(np.float64) for w, s in zip(weights, states)) / weights.sum()
+            mean = (
+                sum(w * s[key].astype(np.float64) for w, s in zip(weights, states)) / weights.sum()
+            )
             got = models[arch][key]
             assert got.dtype == ref.dtype and got.shape == ref.shape, key
             if ref.dtype.kind == "f":
@@ -285,8 +305,12 @@ def test_round_without_enough_valid_replies_fails_naming_the_minimum():
     grid = _grid(n, faults={node_id_of(p): _raise for p in range(n)})
     strategy = HeteroFedAvg(min_available_nodes=n)
     initial = pack_models(_initial(data.model_spec))
-    with pytest.raises(TooFewReplies, match=r"round 1: 0 valid replies, fewer than min_replies=1") as info:
-        strategy.start(grid=grid, initial_arrays=initial, num_rounds=1, train_config=_train_config(spec))
+    with pytest.raises(
+        TooFewReplies, match=r"round 1: 0 valid replies, fewer than min_replies=1"
+    ) as info:
+        strategy.start(
+            grid=grid, initial_arrays=initial, num_rounds=1, train_config=_train_config(spec)
+        )
     assert sorted(d["node"] for d in info.value.dropped) == sorted(node_id_of(p) for p in range(n))
     assert all(d["type"] == "train" and "disk full" in d["reason"] for d in info.value.dropped)
 
@@ -299,13 +323,17 @@ def test_a_round_completes_with_the_replies_it_got_down_to_min_replies(min_repli
     grid = _grid(n, faults={node_id_of(0): _raise})
     strategy = HeteroFedAvg(min_available_nodes=n, min_replies=min_replies)
     initial = pack_models(_initial(data.model_spec))
-    run = lambda: strategy.start(grid=grid, initial_arrays=initial, num_rounds=1, train_config=_train_config(spec))
+    run = lambda: strategy.start(
+        grid=grid, initial_arrays=initial, num_rounds=1, train_config=_train_config(spec)
+    )
     if not completes:
         with pytest.raises(TooFewReplies, match="2 valid replies, fewer than min_replies=3"):
             run()
         return
     result = run()
-    assert strategy.stats[1].replies == 2 and [d["node"] for d in strategy.stats[1].dropped] == [node_id_of(0)]
+    assert strategy.stats[1].replies == 2 and [d["node"] for d in strategy.stats[1].dropped] == [
+        node_id_of(0)
+    ]
     assert result.train_metrics_clientapp[1]["replies"] == 2
 
 
@@ -420,7 +448,8 @@ def test_feddf_start_two_rounds_with_client_logits():
         # public subset the clients received this round
         replies = _round_slices(grid.train_replies(), 4, r)
         ensemble = np.mean(
-            [m.content[protocol.LOGITS]["logits"].numpy().astype(np.float32) for m in replies], axis=0
+            [m.content[protocol.LOGITS]["logits"].numpy().astype(np.float32) for m in replies],
+            axis=0,
         )
         subset = _round_slices(grid.train_messages(), 4, r)[0].content[protocol.PUBLIC]["x"].numpy()
         round_tasks = _round_slices(tasks, 2, r)

@@ -132,7 +132,11 @@ class KDClient:
             lr=float(config.get("lr", 1e-3)),
             seed=int(config.get("server-round", 0)) * 100_000 + node_seed(context),
         )
-        metrics = {"num-examples": len(data.train_x), "train-loss": loss, "train-seconds": time.perf_counter() - t0}
+        metrics = {
+            "num-examples": len(data.train_x),
+            "train-loss": loss,
+            "train-seconds": time.perf_counter() - t0,
+        }
         records = {
             protocol.ARRAYS: state_to_record(state_to_numpy(model)),
             protocol.CONFIG: ConfigRecord({"arch": arch}),
@@ -162,7 +166,6 @@ class KDClient:
             },
         )
 
-
     def fedmd_round(self, message: Message, context: Context) -> Message:
         """One FedMD round in one call: digest the previous consensus, revisit the private
         data, and reply logits on the next public subset (the paper needs three calls).
@@ -185,7 +188,11 @@ class KDClient:
         if config["phase"] == "init":
             load_numpy_state(model, record_to_state(message.content[protocol.ARRAYS]))
             train_with_early_stopping(
-                model, data.train_x, data.train_y, data.holdout_x, data.holdout_y,
+                model,
+                data.train_x,
+                data.train_y,
+                data.holdout_x,
+                data.holdout_y,
                 max_epochs=int(config.get("finetune-epochs", 20)),
                 patience=int(config.get("finetune-patience", 3)),
                 batch_size=int(config.get("batch-size", 32)),
@@ -196,7 +203,9 @@ class KDClient:
         else:
             state = store.load(key)
             if state is None:
-                raise ValueError(f"no saved model for {key} in {config['state-uri']}: run phase 'init' first")
+                raise ValueError(
+                    f"no saved model for {key} in {config['state-uri']}: run phase 'init' first"
+                )
             load_numpy_state(model, state)
             consensus = message.content[protocol.CONSENSUS]
             digest(
@@ -213,7 +222,9 @@ class KDClient:
             timings["digest-seconds"] = time.perf_counter() - t
             t = time.perf_counter()
             train_supervised(
-                model, data.train_x, data.train_y,
+                model,
+                data.train_x,
+                data.train_y,
                 epochs=int(config.get("revisit-epochs", 2)),
                 batch_size=int(config.get("batch-size", 32)),
                 lr=float(config.get("lr", 1e-3)),
@@ -233,7 +244,9 @@ class KDClient:
             message,
             **{
                 protocol.LOGITS: ArrayRecord({"logits": Array(logits), "indices": Array(indices)}),
-                protocol.CONFIG: ConfigRecord({"arch": arch, "subset-round": int(config["subset-round"])}),
+                protocol.CONFIG: ConfigRecord(
+                    {"arch": arch, "subset-round": int(config["subset-round"])}
+                ),
                 protocol.METRICS: MetricRecord(metrics),
             },
         )

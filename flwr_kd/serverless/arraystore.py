@@ -65,7 +65,9 @@ class GcsArrayStore:
         blob = self.bucket.blob(self.check_name(name))
         blob.metadata = {"sha256": hashlib.sha256(data).hexdigest(), **(metadata or {})}
         try:
-            blob.upload_from_string(data, content_type="application/octet-stream", if_generation_match=0)
+            blob.upload_from_string(
+                data, content_type="application/octet-stream", if_generation_match=0
+            )
         except gexc.PreconditionFailed as exc:
             raise AlreadyExists(f"gs://{self.bucket_name}/{name} already exists") from exc
         return len(data)
@@ -83,7 +85,9 @@ class GcsArrayStore:
             raise ArrayStoreError(f"gs://{self.bucket_name}/{name} does not exist") from exc
         expected = (blob.metadata or {}).get("sha256")
         if expected != hashlib.sha256(data).hexdigest():
-            raise ArrayStoreError(f"gs://{self.bucket_name}/{name}: checksum mismatch (tampered or truncated)")
+            raise ArrayStoreError(
+                f"gs://{self.bucket_name}/{name}: checksum mismatch (tampered or truncated)"
+            )
         return decode_npz(data), blob.generation
 
     def exists(self, name: str) -> bool:

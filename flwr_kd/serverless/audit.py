@@ -34,16 +34,29 @@ def audit_run(run_id: str, rounds: RoundStore, store: GcsArrayStore) -> list[str
         except ArrayStoreError as exc:
             problems.append(f"round {r}: global models unreadable: {exc}")
         calls = {d["id"]: d for d in rounds.invocations(run_id, r)}
-        problems += [f"round {r}: call {c} still running" for c, d in calls.items() if d.get("status") == RUNNING]
-        by_node = {(node_id_for(c.split(":")[0]), c.split(":", 1)[1]): d for c, d in calls.items() if not c.startswith("aggregator:")}
+        problems += [
+            f"round {r}: call {c} still running"
+            for c, d in calls.items()
+            if d.get("status") == RUNNING
+        ]
+        by_node = {
+            (node_id_for(c.split(":")[0]), c.split(":", 1)[1]): d
+            for c, d in calls.items()
+            if not c.startswith("aggregator:")
+        }
         for entry in doc.get("dropped", []):
             call = by_node.get((entry["node"], entry.get("type")))
             if call is None or call.get("dropped") != entry["reason"]:
-                problems.append(f"round {r}: left-out reply of node {entry['node']} has no verdict in its invocation document")
+                problems.append(
+                    f"round {r}: left-out reply of node {entry['node']} has no verdict in its invocation document"
+                )
         accepted = sum(
-            1 for (_, kind), d in by_node.items()
+            1
+            for (_, kind), d in by_node.items()
             if kind in TRAINING and d.get("status") == DONE and "dropped" not in d
         )
         if accepted != doc.get("replies"):
-            problems.append(f"round {r}: {doc.get('replies')} replies recorded, {accepted} calls done and accepted")
+            problems.append(
+                f"round {r}: {doc.get('replies')} replies recorded, {accepted} calls done and accepted"
+            )
     return problems

@@ -43,7 +43,9 @@ def discover(project: str, region: str, prefix: str, client=None):
     for fn in _functions(project, region, client):
         name, env = _short(fn), dict(fn.service_config.environment_variables)
         if name.startswith(f"{prefix}-client-"):
-            clients.append(ClientEndpoint(env["FLWR_KD_CLIENT_ID"], fn.service_config.uri, env["FLWR_KD_ARCH"]))
+            clients.append(
+                ClientEndpoint(env["FLWR_KD_CLIENT_ID"], fn.service_config.uri, env["FLWR_KD_ARCH"])
+            )
         elif name.startswith(f"{prefix}-agg-"):
             aggregators[env["FLWR_KD_ARCH"]] = fn.service_config.uri
         else:
@@ -55,11 +57,17 @@ def discover(project: str, region: str, prefix: str, client=None):
             "check --project, --region and --name-prefix, or run terraform apply"
         )
     if len(buckets) != 1:
-        raise DeploymentError(f"the functions disagree on FLWR_KD_BUCKET: {sorted(map(str, buckets))}")
+        raise DeploymentError(
+            f"the functions disagree on FLWR_KD_BUCKET: {sorted(map(str, buckets))}"
+        )
     missing = sorted({c.arch for c in clients} - set(aggregators))
     if missing:
         raise DeploymentError(f"no aggregator function for architecture(s) {missing}")
-    return Deployment(bucket=buckets.pop(), clients=sorted(clients, key=lambda c: c.client_id), aggregators=aggregators)
+    return Deployment(
+        bucket=buckets.pop(),
+        clients=sorted(clients, key=lambda c: c.client_id),
+        aggregators=aggregators,
+    )
 
 
 def check_active(project: str, region: str, urls: list[str], client=None) -> None:

@@ -47,9 +47,12 @@ class Deployment:
     @classmethod
     def from_terraform_outputs(cls, outputs: dict) -> Deployment:
         """From `terraform output -json` (values under "value", as Terraform writes them)."""
+
         def value(name):
             if name not in outputs:
-                raise ValueError(f"terraform outputs lack '{name}'; run terraform apply in terraform/ first")
+                raise ValueError(
+                    f"terraform outputs lack '{name}'; run terraform apply in terraform/ first"
+                )
             entry = outputs[name]
             return entry["value"] if isinstance(entry, dict) and "value" in entry else entry
 
@@ -59,14 +62,18 @@ class Deployment:
             clients=[ClientEndpoint(cid, urls[cid], archs[cid]) for cid in sorted(urls)],
             aggregators=dict(value("aggregator_function_urls")),
             firestore_database=outputs.get("firestore_database", {}).get("value", "(default)")
-            if isinstance(outputs.get("firestore_database"), dict) else "(default)",
+            if isinstance(outputs.get("firestore_database"), dict)
+            else "(default)",
         )
 
 
-def upload_client_data(store: GcsArrayStore, data: FederatedData, deployment: Deployment, fingerprint: str) -> None:
+def upload_client_data(
+    store: GcsArrayStore, data: FederatedData, deployment: Deployment, fingerprint: str
+) -> None:
     """Public data for everybody, and each client's private partition under its own prefix
     (client i gets partition i), all named by the split's fingerprint. Create-only: an
     existing object already holds this split."""
+
     def put(name, arrays):
         try:
             store.put(name, arrays)
@@ -80,15 +87,26 @@ def upload_client_data(store: GcsArrayStore, data: FederatedData, deployment: De
         train_x, train_y, hold_x, hold_y = data.client_data(pid)
         put(
             private_object(f"clients/{endpoint.client_id}/data/", fingerprint),
-            {"train_x": train_x, "train_y": train_y, "holdout_x": hold_x, "holdout_y": hold_y,
-             "num_classes": np.asarray(data.model_spec.num_classes)},
+            {
+                "train_x": train_x,
+                "train_y": train_y,
+                "holdout_x": hold_x,
+                "holdout_y": hold_y,
+                "num_classes": np.asarray(data.model_spec.num_classes),
+            },
         )
 
 
 class CloudFanOut(FanOut):
     """The fan-out on aggregator functions: one POST per task, all in parallel."""
 
-    def __init__(self, aggregators: dict[str, str], store: GcsArrayStore, run_id: str, grid: CloudFunctionGrid) -> None:
+    def __init__(
+        self,
+        aggregators: dict[str, str],
+        store: GcsArrayStore,
+        run_id: str,
+        grid: CloudFunctionGrid,
+    ) -> None:
         self.aggregators, self.store, self.run_id, self.grid = aggregators, store, run_id, grid
         self.calls: list[dict] = []
 
@@ -109,13 +127,31 @@ class CloudFanOut(FanOut):
             pass  # a resumed round re-sends the same task
         t0 = time.perf_counter()
         body = {"run": self.run_id, "round": server_round, "task": name, "params": params}
-        headers = {"Content-Type": "application/json", **(self.grid.options.auth(self.aggregators[arch]) if self.grid.options.auth else {})}
-        resp = self.grid.session.post(self.aggregators[arch], data=json.dumps(body), headers=headers, timeout=(10, self.grid.options.call_timeout))
+        headers = {
+            "Content-Type": "application/json",
+            **(self.grid.options.auth(self.aggregators[arch]) if self.grid.options.auth else {}),
+        }
+        resp = self.grid.session.post(
+            self.aggregators[arch],
+            data=json.dumps(body),
+            headers=headers,
+            timeout=(10, self.grid.options.call_timeout),
+        )
         if resp.status_code != 200:
-            raise RuntimeError(f"aggregator {arch} answered HTTP {resp.status_code}: {resp.text[:300]}")
+            raise RuntimeError(
+                f"aggregator {arch} answered HTTP {resp.status_code}: {resp.text[:300]}"
+            )
         payload = resp.json()
         state = self.store.get(payload["result"]) if payload.get("result") else {}
-        self.calls.append({"arch": arch, "kind": params["kind"], "round": server_round, "seconds": time.perf_counter() - t0, "compute": payload["timing"]["compute"]})
+        self.calls.append(
+            {
+                "arch": arch,
+                "kind": params["kind"],
+                "round": server_round,
+                "seconds": time.perf_counter() - t0,
+                "compute": payload["timing"]["compute"],
+            }
+        )
         return taskcodec.decode_outcome(params["kind"], state, payload["meta"])
 
 
@@ -141,7 +177,9 @@ def overhead_summary(grid: CloudFunctionGrid) -> dict:
     calls = [c for c in grid.options.calls if not c.error]
     per_round: dict[int, int] = {}
     for c in grid.options.calls:
-        per_round[c.server_round] = per_round.get(c.server_round, 0) + c.bytes_request + c.bytes_reply + c.bytes_objects
+        per_round[c.server_round] = (
+            per_round.get(c.server_round, 0) + c.bytes_request + c.bytes_reply + c.bytes_objects
+        )
     if not calls:
         return {"calls": 0}
     total = float(np.mean([c.seconds for c in calls]))
@@ -165,7 +203,14 @@ def reliability_summary(rounds: RoundStore, run_id: str, num_rounds: int) -> dic
     """What the run's invocation documents say: faults injected (by kind), attempts, retried
     and taken-over calls, calls that ended failed, and replies left out, per round."""
     injected: dict[str, int] = {}
-    summary = {"calls": 0, "attempts": 0, "retried_calls": 0, "taken_over": 0, "failed_calls": 0, "left_out": 0}
+    summary = {
+        "calls": 0,
+        "attempts": 0,
+        "retried_calls": 0,
+        "taken_over": 0,
+        "failed_calls": 0,
+        "left_out": 0,
+    }
     for server_round in range(num_rounds + 1):
         for doc in rounds.invocations(run_id, server_round):
             summary["calls"] += 1
@@ -178,19 +223,34 @@ def reliability_summary(rounds: RoundStore, run_id: str, num_rounds: int) -> dic
                 if fault:
                     injected[fault[1]] = injected.get(fault[1], 0) + 1
                 summary["taken_over"] += "took over" in event
-    return {**summary, "injected": dict(sorted(injected.items())), "injected_total": sum(injected.values())}
+    return {
+        **summary,
+        "injected": dict(sorted(injected.items())),
+        "injected_total": sum(injected.values()),
+    }
 
 
-def record_verdicts(rounds: RoundStore, grid: CloudFunctionGrid, run_id: str, server_round: int, dropped: list[dict]) -> None:
+def record_verdicts(
+    rounds: RoundStore, grid: CloudFunctionGrid, run_id: str, server_round: int, dropped: list[dict]
+) -> None:
     """Write why each left-out reply was left out into its call's invocation document (the
     function cannot know: a reply it sent may be late, invalid or lost on the way)."""
     for entry in dropped:
         endpoint = grid.endpoints.get(entry["node"])
         if endpoint is not None and entry.get("type"):
-            rounds.record_verdict(run_id, server_round, f"{endpoint.client_id}:{entry['type']}", entry["reason"])
+            rounds.record_verdict(
+                run_id, server_round, f"{endpoint.client_id}:{entry['type']}", entry["reason"]
+            )
 
 
-def drive(cfg: ExperimentConfig, deployment: Deployment, run_id: str, *, resume: bool = False, options: GridOptions | None = None) -> dict:
+def drive(
+    cfg: ExperimentConfig,
+    deployment: Deployment,
+    run_id: str,
+    *,
+    resume: bool = False,
+    options: GridOptions | None = None,
+) -> dict:
     """Run (or resume) `run_id` on `deployment`; returns the result (written to cfg.out_dir)."""
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 0, SUPERLINK_NODE_ID
     store = GcsArrayStore(deployment.bucket)
@@ -198,10 +258,14 @@ def drive(cfg: ExperimentConfig, deployment: Deployment, run_id: str, *, resume:
     hooks = RuntimeHooks(state_uri=f"gs://{deployment.bucket}/clients/state")
     if resume:
         run = rounds.get_run(run_id)
-        cfg = dataclasses.replace(ExperimentConfig.from_run_config(run["config"]), out_dir=cfg.out_dir)
+        cfg = dataclasses.replace(
+            ExperimentConfig.from_run_config(run["config"]), out_dir=cfg.out_dir
+        )
         hooks.rounds_done = int(run.get("last_done_round", 0))
         if hooks.rounds_done >= cfg.num_server_rounds:
-            raise ValueError(f"run '{run_id}' finished all {cfg.num_server_rounds} rounds; nothing to resume")
+            raise ValueError(
+                f"run '{run_id}' finished all {cfg.num_server_rounds} rounds; nothing to resume"
+            )
         if hooks.rounds_done:
             hooks.resume_arrays = state_to_record(store.get(run["state"]["arrays"]))
         print(f"resuming run {run_id} at round {hooks.rounds_done + 1} of {cfg.num_server_rounds}")
@@ -209,7 +273,9 @@ def drive(cfg: ExperimentConfig, deployment: Deployment, run_id: str, *, resume:
         rounds.create_run(run_id, cfg.to_run_config(), cfg.strategy)
     data = load_federated(cfg.data_spec)
     if len(deployment.clients) != cfg.num_clients:
-        raise ValueError(f"{len(deployment.clients)} client functions but num-clients={cfg.num_clients}")
+        raise ValueError(
+            f"{len(deployment.clients)} client functions but num-clients={cfg.num_clients}"
+        )
     upload_client_data(store, data, deployment, data_fingerprint(cfg.data_spec.to_config()))
     grid = RecordingGrid(deployment.clients, store, run_id, options, rounds=rounds)
     hooks.fanout = fanout = CloudFanOut(deployment.aggregators, store, run_id, grid)
@@ -223,7 +289,11 @@ def drive(cfg: ExperimentConfig, deployment: Deployment, run_id: str, *, resume:
         except AlreadyExists:
             pass
         stats = strategy.stats.get(server_round)
-        record = {"bytes": stats.to_dict()["bytes"], "replies": stats.replies, "dropped": stats.dropped} if stats else {}
+        record = (
+            {"bytes": stats.to_dict()["bytes"], "replies": stats.replies, "dropped": stats.dropped}
+            if stats
+            else {}
+        )
         record_verdicts(rounds, grid, run_id, server_round, record.get("dropped", []))
         rounds.finish_round(run_id, server_round, record, {"arrays": name, "round": server_round})
 
@@ -255,7 +325,10 @@ def drive(cfg: ExperimentConfig, deployment: Deployment, run_id: str, *, resume:
         f"after a crash, {rel['failed_calls']} failed; replies left out {rel['left_out']}"
         + (f"; faults injected {rel['injected_total']} ({kinds})" if rel["injected_total"] else "")
     )
-    rounds.finish_run(run_id, result={"final_accuracy": result["rounds"][-1]["accuracy"] if result["rounds"] else {}})
+    rounds.finish_run(
+        run_id,
+        result={"final_accuracy": result["rounds"][-1]["accuracy"] if result["rounds"] else {}},
+    )
     if cfg.out_dir:
         path = write_result(cfg.out_dir, result)
         print(f"wrote {path}")

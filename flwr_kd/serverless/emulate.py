@@ -30,7 +30,9 @@ def set_env_until_close(stack: ExitStack, key: str, value: str) -> None:
     closes, then put back what was there."""
     before = os.environ.get(key)
     os.environ[key] = value
-    stack.callback(lambda: os.environ.pop(key, None) if before is None else os.environ.__setitem__(key, before))
+    stack.callback(
+        lambda: os.environ.pop(key, None) if before is None else os.environ.__setitem__(key, before)
+    )
 
 
 def start_emulators(stack: ExitStack, project: str, log_dir: Path, reuse: bool = True) -> list[str]:
@@ -54,7 +56,9 @@ def start_emulators(stack: ExitStack, project: str, log_dir: Path, reuse: bool =
 class EmulatedStack:
     """Emulators and function processes for one experiment config; a context manager."""
 
-    def __init__(self, cfg: ExperimentConfig, bucket: str = "flwr-kd-arrays", log_dir: Path | None = None) -> None:
+    def __init__(
+        self, cfg: ExperimentConfig, bucket: str = "flwr-kd-arrays", log_dir: Path | None = None
+    ) -> None:
         self.cfg, self.bucket = cfg, bucket
         self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix="flwr-kd-emulate-"))
         self._stack = ExitStack()
@@ -89,36 +93,53 @@ class EmulatedStack:
             "THREADS": "1",  # one request at a time per instance, like a deployed function
             "WORKERS": "1",
             "OMP_NUM_THREADS": "1",
-            "PYTHONPATH": os.pathsep.join([str(CLOUD_SOURCE.parents[1]), os.environ.get("PYTHONPATH", "")]),
+            "PYTHONPATH": os.pathsep.join(
+                [str(CLOUD_SOURCE.parents[1]), os.environ.get("PYTHONPATH", "")]
+            ),
         }
         procs = []
         for pid in range(self.cfg.num_clients):
             cid, arch = f"client-{pid}", self.cfg.arch_of_partition(pid)
             env = {
-                **base_env, "FLWR_KD_CLIENT_ID": cid, "FLWR_KD_ARCH": arch,
-                "FLWR_KD_DATA_PREFIX": f"clients/{cid}/data/", "FLWR_KD_ONE_INSTANCE": "1",
+                **base_env,
+                "FLWR_KD_CLIENT_ID": cid,
+                "FLWR_KD_ARCH": arch,
+                "FLWR_KD_DATA_PREFIX": f"clients/{cid}/data/",
+                "FLWR_KD_ONE_INSTANCE": "1",
             }
             procs.append(("client", cid, arch, env))
         for arch in self.cfg.arch_list:
-            procs.append(("aggregator", f"aggregator-{arch}", arch, {**base_env, "FLWR_KD_ARCH": arch}))
+            procs.append(
+                ("aggregator", f"aggregator-{arch}", arch, {**base_env, "FLWR_KD_ARCH": arch})
+            )
         with ThreadPoolExecutor(max_workers=len(procs)) as pool:  # each start mostly imports torch
-            futures = [pool.submit(FunctionProcess, CLOUD_SOURCE, target, env, name, self.log_dir, True) for target, name, _, env in procs]
+            futures = [
+                pool.submit(FunctionProcess, CLOUD_SOURCE, target, env, name, self.log_dir, True)
+                for target, name, _, env in procs
+            ]
         for (target, name, arch, _), future in zip(procs, futures):
             if future.exception() is None:
                 fn = future.result()
                 self._stack.callback(fn.stop)
-                (self.clients if target == "client" else self.aggregators)[name if target == "client" else arch] = fn
+                (self.clients if target == "client" else self.aggregators)[
+                    name if target == "client" else arch
+                ] = fn
         failed = [f.exception() for f in futures if f.exception() is not None]
         if failed:
             raise failed[0]
-        self.started.append(f"{len(self.clients)} client and {len(self.aggregators)} aggregator functions")
+        self.started.append(
+            f"{len(self.clients)} client and {len(self.aggregators)} aggregator functions"
+        )
 
     def deployment(self):
         from flwr_kd.serverless.driver import Deployment
 
         return Deployment(
             bucket=self.bucket,
-            clients=[ClientEndpoint(cid, fn.url, self.cfg.arch_of_partition(i)) for i, (cid, fn) in enumerate(self.clients.items())],
+            clients=[
+                ClientEndpoint(cid, fn.url, self.cfg.arch_of_partition(i))
+                for i, (cid, fn) in enumerate(self.clients.items())
+            ],
             aggregators={arch: fn.url for arch, fn in self.aggregators.items()},
         )
 
@@ -146,7 +167,12 @@ def serve_emulators(project: str = DEFAULT_PROJECT) -> None:
             pass
 
 
-def emulate(cfg: ExperimentConfig, run_id: str | None = None, resume: bool = False, options: GridOptions | None = None) -> dict:
+def emulate(
+    cfg: ExperimentConfig,
+    run_id: str | None = None,
+    resume: bool = False,
+    options: GridOptions | None = None,
+) -> dict:
     from flwr_kd.serverless.driver import drive
 
     run_id = run_id or f"run-{uuid.uuid4().hex[:8]}"

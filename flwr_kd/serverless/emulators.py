@@ -14,7 +14,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-FIRESTORE_JAR = "/usr/lib/google-cloud-sdk/platform/cloud-firestore-emulator/cloud-firestore-emulator.jar"
+FIRESTORE_JAR = (
+    "/usr/lib/google-cloud-sdk/platform/cloud-firestore-emulator/cloud-firestore-emulator.jar"
+)
 
 
 def free_port() -> int:
@@ -44,7 +46,9 @@ def _wait_http(url: str, process: subprocess.Popen, timeout: float, what: str, o
 class ManagedProcess:
     """A child process in its own process group, stopped (group and all) by its PID."""
 
-    def __init__(self, args: list[str], env: dict | None = None, log_path: Path | None = None) -> None:
+    def __init__(
+        self, args: list[str], env: dict | None = None, log_path: Path | None = None
+    ) -> None:
         self.args = args
         self.log = open(log_path, "ab") if log_path else subprocess.DEVNULL
         self.process = subprocess.Popen(
@@ -83,9 +87,16 @@ class FirestoreEmulator:
         self.host = f"127.0.0.1:{self.port}"
         self.proc = ManagedProcess(
             [
-                "java", "-cp", FIRESTORE_JAR,
+                "java",
+                "-cp",
+                FIRESTORE_JAR,
                 "com.google.cloud.datastore.emulator.firestore.CloudFirestore",
-                "--host", "127.0.0.1", "--port", str(self.port), "--project_id", project,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--project_id",
+                project,
             ],
             log_path=log_dir / "firestore.log" if log_dir else None,
         )
@@ -104,8 +115,21 @@ class StorageEmulator:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = ManagedProcess(
-            [str(_get_binary_path()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port),
-             "-backend", "memory", "-external-url", self.url, "-log-level", "warn"],
+            [
+                str(_get_binary_path()),
+                "-scheme",
+                "http",
+                "-host",
+                "127.0.0.1",
+                "-port",
+                str(self.port),
+                "-backend",
+                "memory",
+                "-external-url",
+                self.url,
+                "-log-level",
+                "warn",
+            ],
             log_path=log_dir / "fake-gcs.log" if log_dir else None,
         )
         _wait_http(f"{self.url}/storage/v1/b", self.proc.process, 20, "fake-gcs-server")
@@ -121,12 +145,31 @@ class FunctionProcess:
     With `supervise=True` a process that dies is started again on the same port, as the
     platform replaces a crashed instance (`restarts` counts how often)."""
 
-    def __init__(self, source: Path, target: str, env: dict, name: str, log_dir: Path | None = None, supervise: bool = False) -> None:
+    def __init__(
+        self,
+        source: Path,
+        target: str,
+        env: dict,
+        name: str,
+        log_dir: Path | None = None,
+        supervise: bool = False,
+    ) -> None:
         self.target, self.name, self.port = target, name, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._spawn = lambda: ManagedProcess(
-            [sys.executable, "-m", "functions_framework", "--source", str(source), "--target", target,
-             "--host", "127.0.0.1", "--port", str(self.port)],
+            [
+                sys.executable,
+                "-m",
+                "functions_framework",
+                "--source",
+                str(source),
+                "--target",
+                target,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+            ],
             env=env,
             log_path=log_dir / f"{name}.log" if log_dir else None,
         )
@@ -141,7 +184,13 @@ class FunctionProcess:
         self._stopping.clear()
         self.proc = self._spawn()
         try:
-            _wait_http(f"{self.url}/", self.proc.process, 120, f"function {self.name}", ok=(200, 400, 401, 403, 405, 415))
+            _wait_http(
+                f"{self.url}/",
+                self.proc.process,
+                120,
+                f"function {self.name}",
+                ok=(200, 400, 401, 403, 405, 415),
+            )
         except BaseException:
             self.proc.stop()
             raise
@@ -160,4 +209,6 @@ class FunctionProcess:
     def stop(self) -> None:
         self._stopping.set()
         with self._lock:
-            self.proc.stop(sig=signal.SIGKILL)  # a function keeps nothing to flush; gunicorn's own shutdown takes ~3 s
+            self.proc.stop(
+                sig=signal.SIGKILL
+            )  # a function keeps nothing to flush; gunicorn's own shutdown takes ~3 s

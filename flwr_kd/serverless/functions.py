@@ -86,7 +86,9 @@ class FunctionEnv:
             required += ["FLWR_KD_CLIENT_ID", "FLWR_KD_DATA_PREFIX"]
         missing = [name for name in required if not os.environ.get(name)]
         if missing:
-            raise RuntimeError(f"{kind} function misconfigured: environment variable(s) {', '.join(missing)} not set")
+            raise RuntimeError(
+                f"{kind} function misconfigured: environment variable(s) {', '.join(missing)} not set"
+            )
         return cls(
             bucket=os.environ["FLWR_KD_BUCKET"],
             arch=os.environ["FLWR_KD_ARCH"],
@@ -122,7 +124,9 @@ def signing_certs(url: str) -> dict:
         resp.raise_for_status()
         certs = resp.json()
     except (requests.RequestException, ValueError) as exc:
-        raise HttpError(503, f"cannot fetch the ID-token signing certificates: {type(exc).__name__}") from exc
+        raise HttpError(
+            503, f"cannot fetch the ID-token signing certificates: {type(exc).__name__}"
+        ) from exc
     _certs_cache[url] = (time.monotonic(), certs)
     return certs
 
@@ -141,7 +145,7 @@ def verify_caller(authorization: str | None, audiences: tuple[str, ...] = ()) ->
     import google.auth.exceptions
     import google.auth.jwt
 
-    token = authorization[len("Bearer "):].strip()
+    token = authorization[len("Bearer ") :].strip()
     certs = signing_certs(os.environ.get("FLWR_KD_TOKEN_CERTS_URL") or GOOGLE_CERTS_URL)
     try:
         claims = google.auth.jwt.decode(token, certs=certs)
@@ -165,7 +169,9 @@ def function_audiences(base_url: str, url_root: str) -> tuple[str, ...]:
     container, which therefore sees `http://`; the driver asks for `https://` tokens. (Cloud
     Run routes by host name, so the Host header is this function's own.)"""
     urls = {u.rstrip("/") for u in (base_url, url_root)}
-    return tuple(sorted(urls | {"https://" + u.split("://", 1)[1] for u in urls if u.startswith("http://")}))
+    return tuple(
+        sorted(urls | {"https://" + u.split("://", 1)[1] for u in urls if u.startswith("http://")})
+    )
 
 
 def parse_request(body: bytes, content_type: str | None, env: FunctionEnv) -> dict:
@@ -189,7 +195,9 @@ def check_run_and_round(rounds: RoundStore, run: str, server_round: int) -> None
         raise HttpError(404, f"unknown run '{run}'") from exc
     last = config.get("num-server-rounds")
     if last is not None and not 0 <= server_round <= int(last):
-        raise HttpError(404, f"unknown round {server_round} of run '{run}', which has rounds 0-{last}")
+        raise HttpError(
+            404, f"unknown round {server_round} of run '{run}', which has rounds 0-{last}"
+        )
 
 
 # ---------------------------------------------------------------------------- client
@@ -202,10 +210,20 @@ def _client_data(bucket: str, data_prefix: str, fingerprint: str) -> ClientData:
     public_name, test_name = public_objects(fingerprint)
     public = store.get(public_name)
     test = store.get(test_name) if store.exists(test_name) else {}
-    spec = ModelSpec(int(private["num_classes"]), int(private["train_x"].shape[1]), int(private["train_x"].shape[2]))
+    spec = ModelSpec(
+        int(private["num_classes"]),
+        int(private["train_x"].shape[1]),
+        int(private["train_x"].shape[2]),
+    )
     return ClientData(
-        private["train_x"], private["train_y"], private["holdout_x"], private["holdout_y"], spec,
-        public_x=public["x"], test_x=test.get("x"), test_y=test.get("y"),
+        private["train_x"],
+        private["train_y"],
+        private["holdout_x"],
+        private["holdout_y"],
+        spec,
+        public_x=public["x"],
+        test_x=test.get("x"),
+        test_y=test.get("y"),
     )
 
 
@@ -217,7 +235,9 @@ def _model_shapes(arch: str, spec: ModelSpec) -> dict[str, tuple[int, ...]]:
 def payload_problem(msg: Message, env: FunctionEnv, config: ConfigRecord) -> str | None:
     """Why the arrays a message carries cannot be this client's model or public inputs (a 400
     before anything runs or is written), or None."""
-    if not msg.has_content() or not (protocol.ARRAYS in msg.content or protocol.PUBLIC in msg.content):
+    if not msg.has_content() or not (
+        protocol.ARRAYS in msg.content or protocol.PUBLIC in msg.content
+    ):
         return None
     try:
         spec = _client_data(env.bucket, env.data_prefix, data_fingerprint(config)).model_spec
@@ -231,7 +251,9 @@ def payload_problem(msg: Message, env: FunctionEnv, config: ConfigRecord) -> str
         wrong = next((k for k in expected if got[k] != expected[k]), None)
         if wrong:
             return f"weights do not fit '{env.arch}': '{wrong}' has shape {got[wrong]}, expected {expected[wrong]}"
-    if protocol.PUBLIC in msg.content and "x" in msg.content[protocol.PUBLIC]:  # FedDF's inputs (FedMD's: indices)
+    if (
+        protocol.PUBLIC in msg.content and "x" in msg.content[protocol.PUBLIC]
+    ):  # FedDF's inputs (FedMD's: indices)
         shape = tuple(msg.content[protocol.PUBLIC]["x"].shape)
         want = (spec.in_chans, spec.img_size, spec.img_size)
         if len(shape) != 4 or shape[1:] != want:
@@ -248,7 +270,9 @@ def load_function_data(context: Context, config: ConfigRecord) -> ClientData:
 CLIENT_APP = KDClient(load_data=load_function_data).register(ClientApp())
 
 
-def handle_client(body: bytes, content_type: str | None, env: FunctionEnv | None = None) -> tuple[int, dict]:
+def handle_client(
+    body: bytes, content_type: str | None, env: FunctionEnv | None = None
+) -> tuple[int, dict]:
     t0 = time.perf_counter()
     env = env or FunctionEnv.from_environ("client")
     envelope = wire.parse_envelope(parse_request(body, content_type, env))
@@ -264,15 +288,24 @@ def handle_client(body: bytes, content_type: str | None, env: FunctionEnv | None
         raise HttpError(400, str(exc)) from exc
     node = node_id_for(env.client_id)
     if msg.metadata.dst_node_id != node:
-        raise HttpError(400, f"message addressed to node {msg.metadata.dst_node_id}, this is client '{env.client_id}' (node {node})")
+        raise HttpError(
+            400,
+            f"message addressed to node {msg.metadata.dst_node_id}, this is client '{env.client_id}' (node {node})",
+        )
     config = msg.content.get(protocol.CONFIG) if msg.has_content() else None
     if config is not None and "arch" in config and str(config["arch"]) != env.arch:
-        raise HttpError(400, f"message for architecture '{config['arch']}', this client runs '{env.arch}'")
+        raise HttpError(
+            400, f"message for architecture '{config['arch']}', this client runs '{env.arch}'"
+        )
     problem = payload_problem(msg, env, config) if config is not None else None
     if problem:
         raise HttpError(400, problem)
     try:
-        plan = faults.FaultPlan.from_config(config, serverless=True) if config is not None else faults.FaultPlan()
+        plan = (
+            faults.FaultPlan.from_config(config, serverless=True)
+            if config is not None
+            else faults.FaultPlan()
+        )
     except (TypeError, ValueError) as exc:
         raise HttpError(400, f"bad fault-injection settings: {exc}") from exc
     call = f"{env.client_id}:{msg.metadata.message_type}"
@@ -284,18 +317,28 @@ def handle_client(body: bytes, content_type: str | None, env: FunctionEnv | None
             return 200, json.loads(prior["reply"])  # a retry: the same answer, computed once
         if prior.get("status") not in (FAILED, DONE):
             started = prior.get("started")
-            expired = started is not None and (
-                datetime.datetime.now(datetime.timezone.utc) - started
-            ).total_seconds() > INVOCATION_LEASE_SECONDS
+            expired = (
+                started is not None
+                and (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds()
+                > INVOCATION_LEASE_SECONDS
+            )
             if not (expired or env.one_instance):
                 raise HttpError(409, f"call {call} of round {server_round} is in progress")
-            rounds.note_invocation(run, server_round, call, f"attempt {attempt}: took over an earlier attempt that never finished (its instance died)")
+            rounds.note_invocation(
+                run,
+                server_round,
+                call,
+                f"attempt {attempt}: took over an earlier attempt that never finished (its instance died)",
+            )
         rounds.restart_invocation(run, server_round, call)
     if config is not None and "state-uri" in config:  # a client keeps state under its own prefix
         config["state-uri"] = f"gs://{env.bucket}/clients/{env.client_id}/state"
     context = Context(
-        run_id=msg.metadata.run_id, node_id=node,
-        node_config={"arch": env.arch, "client-id": env.client_id}, state=RecordDict(), run_config={},
+        run_id=msg.metadata.run_id,
+        node_id=node,
+        node_config={"arch": env.arch, "client-id": env.client_id},
+        state=RecordDict(),
+        run_config={},
     )
     fault = plan.draw(server_round, env.client_id, msg.metadata.message_type, attempt)
     if fault is not None:
@@ -314,18 +357,30 @@ def handle_client(body: bytes, content_type: str | None, env: FunctionEnv | None
         faults.corrupt_reply(reply, fault)
     reply.metadata.__dict__["_message_id"] = f"{msg.metadata.message_id}.reply"
     prefix = f"runs/{run}/rounds/{server_round}/clients/{env.client_id}/{msg.metadata.message_type.replace('.', '-')}"
-    out, written = wire.encode(reply, run=run, server_round=server_round, store=store, prefix=prefix, always_store=ALWAYS_STORED)
+    out, written = wire.encode(
+        reply,
+        run=run,
+        server_round=server_round,
+        store=store,
+        prefix=prefix,
+        always_store=ALWAYS_STORED,
+    )
     if fault in ("tamper", "missing") and out["objects"]:
         damage_object(store, min(out["objects"].values()), fault)
     total = time.perf_counter() - t0
     out["timing"] = {"compute": round(compute, 4), "total": round(total, 4)}
     out["stored_bytes"] = written  # what the reply put on Cloud Storage (the driver counts bytes)
     rounds.end_invocation(
-        run, server_round, call,
+        run,
+        server_round,
+        call,
         {
-            "status": status, "message_id": msg.metadata.message_id, "reply": json.dumps(out),
+            "status": status,
+            "message_id": msg.metadata.message_id,
+            "reply": json.dumps(out),
             "seconds": {"total": round(total, 4), "compute": round(compute, 4)},
-            "bytes_in": len(body), "bytes_out": written + len(json.dumps(out)),
+            "bytes_in": len(body),
+            "bytes_out": written + len(json.dumps(out)),
             "objects": sorted(out["objects"].values()),
             **({"error": reply.error.reason} if reply.has_error() else {}),
         },
@@ -333,7 +388,9 @@ def handle_client(body: bytes, content_type: str | None, env: FunctionEnv | None
     return 200, out
 
 
-def inject_call_fault(fault: str, plan: faults.FaultPlan, rounds: RoundStore, call: tuple[str, int, str], attempt: int) -> None:
+def inject_call_fault(
+    fault: str, plan: faults.FaultPlan, rounds: RoundStore, call: tuple[str, int, str], attempt: int
+) -> None:
     """Record an injected fault in the call's invocation document, then act out the ones that
     end the call here: `kill` (the process dies, the document stays "running"), `5xx` (503)
     and `timeout` (hangs, then 504 as Cloud Run answers a request past its time limit)."""
@@ -343,7 +400,11 @@ def inject_call_fault(fault: str, plan: faults.FaultPlan, rounds: RoundStore, ca
     if fault in ("5xx", "timeout"):
         if fault == "timeout":
             time.sleep(plan.hang_seconds)
-        status, reason = (503, "injected fault: HTTP 503") if fault == "5xx" else (504, f"injected fault: timeout after {plan.hang_seconds:g}s")
+        status, reason = (
+            (503, "injected fault: HTTP 503")
+            if fault == "5xx"
+            else (504, f"injected fault: timeout after {plan.hang_seconds:g}s")
+        )
         rounds.end_invocation(*call, {"status": FAILED, "error": reason})
         raise HttpError(status, reason)
 
@@ -361,7 +422,9 @@ def damage_object(store: GcsArrayStore, name: str, fault: str) -> None:
 # ---------------------------------------------------------------------------- aggregator
 
 
-def handle_aggregator(body: bytes, content_type: str | None, env: FunctionEnv | None = None) -> tuple[int, dict]:
+def handle_aggregator(
+    body: bytes, content_type: str | None, env: FunctionEnv | None = None
+) -> tuple[int, dict]:
     """One fan-out task (FedDF distillation or FedMD transfer learning) of this architecture."""
     t0 = time.perf_counter()
     env = env or FunctionEnv.from_environ("aggregator")
@@ -373,7 +436,10 @@ def handle_aggregator(body: bytes, content_type: str | None, env: FunctionEnv | 
             raise HttpError(400, f"field '{key}' missing or not a {kind.__name__}")
     run, server_round, params = request["run"], request["round"], request["params"]
     if params.get("arch") != env.arch:
-        raise HttpError(400, f"task for architecture '{params.get('arch')}', this aggregator serves '{env.arch}'")
+        raise HttpError(
+            400,
+            f"task for architecture '{params.get('arch')}', this aggregator serves '{env.arch}'",
+        )
     prefix = f"runs/{run}/rounds/{server_round}/aggregators/{env.arch}/"
     if not request["task"].startswith(prefix):
         raise HttpError(403, f"task object must lie under {prefix}")
@@ -396,17 +462,31 @@ def handle_aggregator(body: bytes, content_type: str | None, env: FunctionEnv | 
         written = 0  # a retried task: the first result stands (create-only), and is the same task's
     total = time.perf_counter() - t0
     rounds.end_invocation(
-        run, server_round, call,
-        {"status": DONE, "seconds": {"total": round(total, 4), "compute": round(compute, 4)}, "bytes_out": written, "objects": [result_name]},
+        run,
+        server_round,
+        call,
+        {
+            "status": DONE,
+            "seconds": {"total": round(total, 4), "compute": round(compute, 4)},
+            "bytes_out": written,
+            "objects": [result_name],
+        },
     )
-    return 200, {"result": result_name if state else None, "meta": meta, "timing": {"compute": round(compute, 4), "total": round(total, 4)}}
+    return 200, {
+        "result": result_name if state else None,
+        "meta": meta,
+        "timing": {"compute": round(compute, 4), "total": round(total, 4)},
+    }
 
 
 def as_response(handler, request) -> tuple[str, int, dict]:
     """(JSON text, status, headers) for a functions-framework (Flask) request; errors become
     `{"error": ...}` with a 4xx status."""
     try:
-        verify_caller(request.headers.get("Authorization"), function_audiences(request.base_url, request.url_root))
+        verify_caller(
+            request.headers.get("Authorization"),
+            function_audiences(request.base_url, request.url_root),
+        )
         body, content_type = request.get_data(cache=False), request.content_type
         status, payload = handler(body, content_type)
     except HttpError as exc:

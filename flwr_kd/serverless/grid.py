@@ -66,7 +66,9 @@ def google_id_token_auth() -> Callable[[str], dict]:
         with lock:
             token, expires = cache.get(audience, ("", 0.0))
             if time.time() > expires:
-                token = google.oauth2.id_token.fetch_id_token(google.auth.transport.requests.Request(), audience)
+                token = google.oauth2.id_token.fetch_id_token(
+                    google.auth.transport.requests.Request(), audience
+                )
                 cache[audience] = (token, time.time() + 45 * 60)  # tokens live 60 minutes
         return {"Authorization": f"Bearer {token}"}
 
@@ -85,18 +87,31 @@ class GridOptions:
 
 
 class CloudFunctionGrid(Grid):
-    def __init__(self, endpoints: list[ClientEndpoint], store: GcsArrayStore, run_id: str, options: GridOptions | None = None) -> None:
+    def __init__(
+        self,
+        endpoints: list[ClientEndpoint],
+        store: GcsArrayStore,
+        run_id: str,
+        options: GridOptions | None = None,
+    ) -> None:
         self.options = options or GridOptions()
         self.store, self.run_id = store, run_id
         self.endpoints = {node_id_for(e.client_id): e for e in endpoints}
         self._run = Run.create_empty(run_id=0)
-        self._pool = ThreadPoolExecutor(max_workers=self.options.max_concurrency, thread_name_prefix="flwr-kd-call")
+        self._pool = ThreadPoolExecutor(
+            max_workers=self.options.max_concurrency, thread_name_prefix="flwr-kd-call"
+        )
         self._futures: dict[str, Future] = {}
         self.session = requests.Session()
         retry = Retry(
-            total=self.options.retries, connect=self.options.retries, read=self.options.retries,
-            status=self.options.retries, backoff_factor=self.options.backoff,
-            status_forcelist=RETRY_STATUSES, allowed_methods=None, respect_retry_after_header=True,
+            total=self.options.retries,
+            connect=self.options.retries,
+            read=self.options.retries,
+            status=self.options.retries,
+            backoff_factor=self.options.backoff,
+            status_forcelist=RETRY_STATUSES,
+            allowed_methods=None,
+            respect_retry_after_header=True,
             raise_on_status=False,
         )
         adapter = HTTPAdapter(max_retries=retry, pool_maxsize=self.options.max_concurrency)
@@ -135,7 +150,9 @@ class CloudFunctionGrid(Grid):
         done = [mid for mid in message_ids if mid in self._futures and self._futures[mid].done()]
         return [self._futures.pop(mid).result() for mid in done]
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
         messages = list(messages)
         ids = list(self.push_messages(messages))
         wait([self._futures[mid] for mid in ids], timeout=timeout)
@@ -143,7 +160,9 @@ class CloudFunctionGrid(Grid):
         for mid, msg in zip(ids, messages):  # stragglers past the deadline
             if mid in self._futures:
                 self._futures.pop(mid).cancel()
-                replies.append(error_reply(msg, f"no reply within the round deadline of {timeout}s"))
+                replies.append(
+                    error_reply(msg, f"no reply within the round deadline of {timeout}s")
+                )
         return replies
 
     def close(self) -> None:
@@ -155,12 +174,33 @@ class CloudFunctionGrid(Grid):
     def _call(self, msg: Message, endpoint: ClientEndpoint, server_round: int) -> Message:
         t0 = time.perf_counter()
         prefix = f"runs/{self.run_id}/rounds/{server_round}/messages/{endpoint.client_id}/{msg.metadata.message_id}"
-        body, written = wire.encode(msg, run=self.run_id, server_round=server_round, store=self.store, prefix=prefix, offload_bytes=self.options.offload_bytes)
+        body, written = wire.encode(
+            msg,
+            run=self.run_id,
+            server_round=server_round,
+            store=self.store,
+            prefix=prefix,
+            offload_bytes=self.options.offload_bytes,
+        )
         data = wire.to_json(body)
-        headers = {"Content-Type": "application/json", **(self.options.auth(endpoint.url) if self.options.auth else {})}
-        record = CallRecord(endpoint.client_id, msg.metadata.message_type, server_round, 0.0, 0.0, len(data), 0, written)
+        headers = {
+            "Content-Type": "application/json",
+            **(self.options.auth(endpoint.url) if self.options.auth else {}),
+        }
+        record = CallRecord(
+            endpoint.client_id,
+            msg.metadata.message_type,
+            server_round,
+            0.0,
+            0.0,
+            len(data),
+            0,
+            written,
+        )
         try:
-            resp = self.session.post(endpoint.url, data=data, headers=headers, timeout=(10, self.options.call_timeout))
+            resp = self.session.post(
+                endpoint.url, data=data, headers=headers, timeout=(10, self.options.call_timeout)
+            )
             record.bytes_reply = len(resp.content)
             if resp.status_code != 200:
                 raise RuntimeError(f"HTTP {resp.status_code}: {_error_text(resp)}")

@@ -54,13 +54,20 @@ class RoundStore:
         return snap.to_dict()
 
     def finish_run(self, run: str, status: str = DONE, result: dict | None = None) -> None:
-        self.run_ref(run).update({"status": status, "updated": firestore.SERVER_TIMESTAMP, **({"result": result} if result else {})})
+        self.run_ref(run).update(
+            {
+                "status": status,
+                "updated": firestore.SERVER_TIMESTAMP,
+                **({"result": result} if result else {}),
+            }
+        )
 
     # -- rounds ---------------------------------------------------------------------------
 
     def start_round(self, run: str, server_round: int) -> None:
         self.round_ref(run, server_round).set(
-            {"round": server_round, "status": RUNNING, "started": firestore.SERVER_TIMESTAMP}, merge=True
+            {"round": server_round, "status": RUNNING, "started": firestore.SERVER_TIMESTAMP},
+            merge=True,
         )
 
     def finish_round(self, run: str, server_round: int, record: dict, state: dict) -> None:
@@ -73,27 +80,45 @@ class RoundStore:
         )
         batch.update(
             self.run_ref(run),
-            {"state": state, "last_done_round": server_round, "updated": firestore.SERVER_TIMESTAMP},
+            {
+                "state": state,
+                "last_done_round": server_round,
+                "updated": firestore.SERVER_TIMESTAMP,
+            },
         )
         batch.commit()
 
     def fail_round(self, run: str, server_round: int, error: str) -> None:
-        self.round_ref(run, server_round).set({"status": FAILED, "error": error, "ended": firestore.SERVER_TIMESTAMP}, merge=True)
+        self.round_ref(run, server_round).set(
+            {"status": FAILED, "error": error, "ended": firestore.SERVER_TIMESTAMP}, merge=True
+        )
 
     def rounds(self, run: str) -> list[dict]:
         docs = self.run_ref(run).collection("rounds").order_by("round").stream()
         return [d.to_dict() for d in docs]
 
     def invocations(self, run: str, server_round: int) -> list[dict]:
-        return [d.to_dict() | {"id": d.id} for d in self.round_ref(run, server_round).collection("invocations").stream()]
+        return [
+            d.to_dict() | {"id": d.id}
+            for d in self.round_ref(run, server_round).collection("invocations").stream()
+        ]
 
     # -- invocations (written by the functions) --------------------------------------------
 
-    def begin_invocation(self, run: str, server_round: int, call: str, message_id: str) -> dict | None:
+    def begin_invocation(
+        self, run: str, server_round: int, call: str, message_id: str
+    ) -> dict | None:
         """Create the invocation document; if it exists (a retry), return it instead."""
         ref = self.invocation_ref(run, server_round, call)
         try:
-            ref.create({"status": RUNNING, "message_id": message_id, "started": firestore.SERVER_TIMESTAMP, "attempts": 1})
+            ref.create(
+                {
+                    "status": RUNNING,
+                    "message_id": message_id,
+                    "started": firestore.SERVER_TIMESTAMP,
+                    "attempts": 1,
+                }
+            )
             return None
         except gexc.Conflict:
             ref.update({"attempts": firestore.Increment(1)})
@@ -101,11 +126,15 @@ class RoundStore:
 
     def restart_invocation(self, run: str, server_round: int, call: str) -> None:
         """A retry that goes ahead: the call is `running` again, from now (its lease too)."""
-        self.invocation_ref(run, server_round, call).update({"status": RUNNING, "started": firestore.SERVER_TIMESTAMP})
+        self.invocation_ref(run, server_round, call).update(
+            {"status": RUNNING, "started": firestore.SERVER_TIMESTAMP}
+        )
 
     def note_invocation(self, run: str, server_round: int, call: str, event: str) -> None:
         """Append `event` to the call's `events` (created if the call never reached a function)."""
-        self.invocation_ref(run, server_round, call).set({"events": firestore.ArrayUnion([event])}, merge=True)
+        self.invocation_ref(run, server_round, call).set(
+            {"events": firestore.ArrayUnion([event])}, merge=True
+        )
 
     def record_verdict(self, run: str, server_round: int, call: str, reason: str) -> None:
         """The driver's side: why it left this call's reply out of the round. A call still
@@ -118,7 +147,11 @@ class RoundStore:
             {
                 "dropped": reason,
                 "events": firestore.ArrayUnion([f"driver: reply left out: {reason}"]),
-                **({"status": FAILED, "error": f"the driver gave up on this call: {reason}"} if still_running else {}),
+                **(
+                    {"status": FAILED, "error": f"the driver gave up on this call: {reason}"}
+                    if still_running
+                    else {}
+                ),
             },
             merge=True,
         )
@@ -126,4 +159,6 @@ class RoundStore:
     def end_invocation(self, run: str, server_round: int, call: str, record: dict) -> None:
         """The call's outcome; a success clears an earlier attempt's error (kept in `events`)."""
         cleared = {} if "error" in record else {"error": firestore.DELETE_FIELD}
-        self.invocation_ref(run, server_round, call).update({**cleared, **record, "ended": firestore.SERVER_TIMESTAMP})
+        self.invocation_ref(run, server_round, call).update(
+            {**cleared, **record, "ended": firestore.SERVER_TIMESTAMP}
+        )

@@ -55,7 +55,9 @@ def decode_task(arrays: dict[str, np.ndarray], params: dict):
     for f in fields(cls):
         if params.get(f"{f.name}-is-state"):
             prefix = f"{f.name}/"
-            values[f.name] = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+            values[f.name] = {
+                k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)
+            }
         elif f.name in arrays:
             values[f.name] = arrays[f.name]
         elif f.name == "model_spec":
@@ -78,5 +80,11 @@ def encode_outcome(outcome) -> tuple[dict[str, np.ndarray], dict]:
 
 def decode_outcome(kind: str, state: dict[str, np.ndarray], meta: dict):
     if kind == "distill":
-        return DistillOutcome(meta["arch"], state, DistillReport(**meta["report"]), meta["teacher_seconds"], meta["distill_seconds"])
+        return DistillOutcome(
+            meta["arch"],
+            state,
+            DistillReport(**meta["report"]),
+            meta["teacher_seconds"],
+            meta["distill_seconds"],
+        )
     return LocalTrainOutcome(meta["arch"], meta["accuracy"], meta["seconds"], state or None)

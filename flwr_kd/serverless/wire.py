@@ -30,8 +30,14 @@ class WireError(ValueError):
 
 
 def encode(
-    msg: Message, *, run: str, server_round: int, store: GcsArrayStore, prefix: str,
-    offload_bytes: int = DEFAULT_OFFLOAD_BYTES, always_store: tuple[str, ...] = (),
+    msg: Message,
+    *,
+    run: str,
+    server_round: int,
+    store: GcsArrayStore,
+    prefix: str,
+    offload_bytes: int = DEFAULT_OFFLOAD_BYTES,
+    always_store: tuple[str, ...] = (),
 ) -> tuple[dict, int]:
     """(envelope, bytes written to Cloud Storage) for `msg`; array records above
     `offload_bytes`, or named in `always_store`, go to `<prefix>/<record>.npz` (create-only; an
@@ -41,7 +47,9 @@ def encode(
     if msg.has_content():
         slim = RecordDict()
         for name, record in msg.content.items():
-            if isinstance(record, ArrayRecord) and (record.count_bytes() > offload_bytes or name in always_store):
+            if isinstance(record, ArrayRecord) and (
+                record.count_bytes() > offload_bytes or name in always_store
+            ):
                 obj = f"{prefix}/{name}.npz"
                 try:
                     written += store.put(obj, record_to_state(record))

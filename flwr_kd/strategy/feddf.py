@@ -107,7 +107,9 @@ class FedDF(HeteroFedAvg):
         parsed.logits = logits
         return parsed
 
-    def after_fedavg(self, server_round: int, models: dict[str, State], replies: list[ClientReply]) -> dict[str, State]:
+    def after_fedavg(
+        self, server_round: int, models: dict[str, State], replies: list[ClientReply]
+    ) -> dict[str, State]:
         teacher = None
         if self.teacher == "clients":
             teacher = average_logits([r.logits for r in replies])

@@ -158,7 +158,9 @@ class FedMD(Strategy):
             initial = unpack_models(initial_arrays)
             missing = sorted(set(archs.values()) - set(initial))
             if missing:
-                raise FedMDError(f"no initial weights for architectures {missing} of connected nodes")
+                raise FedMDError(
+                    f"no initial weights for architectures {missing} of connected nodes"
+                )
             used = {a: initial[a] for a in initial if a in set(archs.values())}
             pretrained = self.transfer_learning(used, list(archs.values()))
             consensus = self.init_phase(grid, pretrained, train_config, timeout)
@@ -169,27 +171,54 @@ class FedMD(Strategy):
             if self._owns_fanout:
                 self.fanout.close()
 
-    def transfer_learning(self, initial: dict[str, State], client_archs: list[str]) -> dict[str, State]:
-        args = (self.model_spec, self.public_x, self.public_y, self.val_x, self.val_y, self.pretrain)
+    def transfer_learning(
+        self, initial: dict[str, State], client_archs: list[str]
+    ) -> dict[str, State]:
+        args = (
+            self.model_spec,
+            self.public_x,
+            self.public_y,
+            self.val_x,
+            self.val_y,
+            self.pretrain,
+        )
         weights, self.transfer = transfer_learning(initial, *args, self.fanout, self.cache_dir)
-        log(INFO, "Transfer learning: %.1fs, trained %s, cached %s", self.transfer.seconds, self.transfer.trained, self.transfer.cached)
+        log(
+            INFO,
+            "Transfer learning: %.1fs, trained %s, cached %s",
+            self.transfer.seconds,
+            self.transfer.trained,
+            self.transfer.cached,
+        )
         if self.measure_pretrain_per_client:
-            self.transfer.per_client_seconds = per_client_seconds(client_archs, initial, *args, self.fanout)
-            log(INFO, "Transfer learning once per client (for the record): %.1fs", self.transfer.per_client_seconds)
+            self.transfer.per_client_seconds = per_client_seconds(
+                client_archs, initial, *args, self.fanout
+            )
+            log(
+                INFO,
+                "Transfer learning once per client (for the record): %.1fs",
+                self.transfer.per_client_seconds,
+            )
         return weights
 
-    def init_phase(self, grid: Grid, pretrained: dict[str, State], config: ConfigRecord, timeout: float) -> ArrayRecord:
+    def init_phase(
+        self, grid: Grid, pretrained: dict[str, State], config: ConfigRecord, timeout: float
+    ) -> ArrayRecord:
         """Round 0: clients fine-tune the pretrained weights privately, reply logits on
         round 1's subset; returns the first consensus."""
         records = {arch: state_to_record(state) for arch, state in pretrained.items()}
-        messages = self._messages(grid, 0, config, lambda arch: {protocol.ARRAYS: records[arch]}, phase="init")
+        messages = self._messages(
+            grid, 0, config, lambda arch: {protocol.ARRAYS: records[arch]}, phase="init"
+        )
         replies = grid.send_and_receive(messages, timeout=timeout)
         consensus, _ = self._aggregate(0, replies)
         return consensus
 
     # -- Flower's round hooks ---------------------------------------------------------------------
 
-    def _messages(self, grid: Grid, server_round: int, config: ConfigRecord, records_for, phase: str) -> list[Message]:
+    def _messages(
+        self, grid: Grid, server_round: int, config: ConfigRecord, records_for, phase: str
+    ) -> list[Message]:
         stats = self.stats.setdefault(server_round, RoundStats())
         self._participants = self.nodes.refresh(grid, config)
         next_subset = ArrayRecord({"indices": Array(self.subset(server_round + 1))})
@@ -216,8 +245,12 @@ class FedMD(Strategy):
         self._sent_at = time.perf_counter()
         return messages
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        return self._messages(grid, server_round, config, lambda arch: {protocol.CONSENSUS: arrays}, phase="round")
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self._messages(
+            grid, server_round, config, lambda arch: {protocol.CONSENSUS: arrays}, phase="round"
+        )
 
     def check_reply(self, msg: Message, subset_round: int) -> tuple[str, np.ndarray, dict] | str:
         """(arch, logits, metrics) of a valid reply, or the reason to leave it out."""
@@ -232,9 +265,19 @@ class FedMD(Strategy):
         got_round = content[protocol.CONFIG].get("subset-round", -1)
         if not isinstance(got_round, int) or isinstance(got_round, bool):
             return f"'subset-round' must be an integer, got {got_round!r}"
-        indices = content[protocol.LOGITS]["indices"].numpy() if "indices" in content[protocol.LOGITS] else None
-        if got_round != subset_round or indices is None or not np.array_equal(indices, self.subset(subset_round)):
-            return f"logits for the wrong public subset (round {got_round}, expected {subset_round})"
+        indices = (
+            content[protocol.LOGITS]["indices"].numpy()
+            if "indices" in content[protocol.LOGITS]
+            else None
+        )
+        if (
+            got_round != subset_round
+            or indices is None
+            or not np.array_equal(indices, self.subset(subset_round))
+        ):
+            return (
+                f"logits for the wrong public subset (round {got_round}, expected {subset_round})"
+            )
         logits = content[protocol.LOGITS]["logits"].numpy()
         problem = logits_problem(logits, (self.subset_size, self.model_spec.num_classes))
         if problem:
@@ -242,14 +285,21 @@ class FedMD(Strategy):
         metrics = dict(content[protocol.METRICS]) if protocol.METRICS in content else {}
         return arch, logits, metrics
 
-    def _aggregate(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord, MetricRecord]:
+    def _aggregate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord, MetricRecord]:
         stats = self.stats.setdefault(server_round, RoundStats())
         stats.seconds["clients"] = time.perf_counter() - self._sent_at
         valid: list[tuple[str, np.ndarray, dict]] = screen_replies(
-            server_round, replies, lambda msg: self.check_reply(msg, server_round + 1), stats,
+            server_round,
+            replies,
+            lambda msg: self.check_reply(msg, server_round + 1),
+            stats,
             template="round %d: left node %s out of the consensus: %s",
         )
-        stats.client_compute = [sum(v for k, v in m.items() if k.endswith("-seconds")) for _, _, m in valid]
+        stats.client_compute = [
+            sum(v for k, v in m.items() if k.endswith("-seconds")) for _, _, m in valid
+        ]
         if len(valid) < self.min_replies:
             raise FedMDError(
                 f"round {server_round}: {len(valid)} valid replies, fewer than min_replies={self.min_replies}; "
@@ -267,11 +317,21 @@ class FedMD(Strategy):
             values = [m[key] for _, _, m in valid if key in m]
             if values:
                 stats.seconds[f"client-{key[:-8]}-max"] = max(values)
-        record = ArrayRecord({"indices": Array(self.subset(server_round + 1)), "logits": Array(consensus)})
-        metrics = MetricRecord({"replies": len(valid), "dropped": len(stats.dropped), **{f"accuracy/{a}": v for a, v in accuracy.items()}})
+        record = ArrayRecord(
+            {"indices": Array(self.subset(server_round + 1)), "logits": Array(consensus)}
+        )
+        metrics = MetricRecord(
+            {
+                "replies": len(valid),
+                "dropped": len(stats.dropped),
+                **{f"accuracy/{a}": v for a, v in accuracy.items()},
+            }
+        )
         return record, metrics
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         return self._aggregate(server_round, replies)
 
     def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
@@ -281,4 +341,11 @@ class FedMD(Strategy):
         return None
 
     def summary(self) -> None:
-        log(INFO, "\tFedMD: subset=%d, min_replies=%d, %s, %s", self.subset_size, self.min_replies, self.client_config, self.pretrain)
+        log(
+            INFO,
+            "\tFedMD: subset=%d, min_replies=%d, %s, %s",
+            self.subset_size,
+            self.min_replies,
+            self.client_config,
+            self.pretrain,
+        )

@@ -78,7 +78,9 @@ def fedavg(states: list[State], weights: list[float]) -> State:
     out: State = {}
     for key, ref in states[0].items():
         acc = sum(wi * s[key].astype(np.float64) for wi, s in zip(w, states))
-        out[key] = np.rint(acc).astype(ref.dtype) if ref.dtype.kind in "iu" else acc.astype(ref.dtype)
+        out[key] = (
+            np.rint(acc).astype(ref.dtype) if ref.dtype.kind in "iu" else acc.astype(ref.dtype)
+        )
     return out
 
 
@@ -96,7 +98,13 @@ def logits_problem(logits: np.ndarray, expected_shape: tuple[int, int]) -> str |
     return None
 
 
-def screen_replies(server_round, replies, check, stats: RoundStats, template="round %d: dropped reply of node %s: %s") -> list:
+def screen_replies(
+    server_round,
+    replies,
+    check,
+    stats: RoundStats,
+    template="round %d: dropped reply of node %s: %s",
+) -> list:
     """The parsed replies that `check` accepts; each other one is logged (node and reason) and
     recorded in `stats.dropped`. Counts the bytes received and the valid replies."""
     valid = []
@@ -107,7 +115,9 @@ def screen_replies(server_round, replies, check, stats: RoundStats, template="ro
         if isinstance(parsed, str):
             node = msg.metadata.src_node_id
             log(WARNING, template, server_round, node, parsed)
-            stats.dropped.append({"node": node, "type": msg.metadata.message_type, "reason": parsed})
+            stats.dropped.append(
+                {"node": node, "type": msg.metadata.message_type, "reason": parsed}
+            )
         else:
             valid.append(parsed)
     stats.replies = len(valid)
@@ -164,11 +174,18 @@ class HeteroFedAvg(Strategy):
     def discover_architectures(self, grid: Grid, config: ConfigRecord) -> dict[int, str]:
         return self.nodes.refresh(grid, config)
 
-    def _sample(self, grid: Grid, config: ConfigRecord, fraction: float, minimum: int, round_: int) -> dict[int, str]:
+    def _sample(
+        self, grid: Grid, config: ConfigRecord, fraction: float, minimum: int, round_: int
+    ) -> dict[int, str]:
         archs = self.discover_architectures(grid, config)
         eligible = sorted(n for n, a in archs.items() if a in self._global)
         for n in sorted(set(archs) - set(eligible)):
-            log(WARNING, "node %s has architecture '%s', which has no global model: skipped", n, archs[n])
+            log(
+                WARNING,
+                "node %s has architecture '%s', which has no global model: skipped",
+                n,
+                archs[n],
+            )
         size = min(len(eligible), max(int(len(eligible) * fraction), minimum))
         chosen = random.Random(self.seed * 100003 + round_).sample(eligible, size)
         return {n: archs[n] for n in sorted(chosen)}
@@ -230,10 +247,16 @@ class HeteroFedAvg(Strategy):
         num_examples = int(metrics.get("num-examples", 0))
         if num_examples <= 0:
             return "num-examples missing or not positive"
-        compute = float(metrics.get("train-seconds", 0.0)) + float(metrics.get("logits-seconds", 0.0))
-        return ClientReply(node, arch, state, num_examples, float(metrics.get("train-loss", float("nan"))), compute)
+        compute = float(metrics.get("train-seconds", 0.0)) + float(
+            metrics.get("logits-seconds", 0.0)
+        )
+        return ClientReply(
+            node, arch, state, num_examples, float(metrics.get("train-loss", float("nan"))), compute
+        )
 
-    def after_fedavg(self, server_round: int, models: dict[str, State], replies: list[ClientReply]) -> dict[str, State]:
+    def after_fedavg(
+        self, server_round: int, models: dict[str, State], replies: list[ClientReply]
+    ) -> dict[str, State]:
         """Hook after the per-group FedAvg (FedDF distils here)."""
         return models
 
@@ -262,7 +285,9 @@ class HeteroFedAvg(Strategy):
         stats.seconds["distill"] = time.perf_counter() - t1
         total = sum(r.num_examples for r in accepted)
         loss = sum(r.train_loss * r.num_examples for r in accepted) / total
-        metrics = MetricRecord({"train-loss": loss, "replies": len(accepted), "dropped": len(stats.dropped)})
+        metrics = MetricRecord(
+            {"train-loss": loss, "replies": len(accepted), "dropped": len(stats.dropped)}
+        )
         return pack_models(models), metrics
 
     # -- evaluation on clients ---------------------------------------------------------------
@@ -273,7 +298,9 @@ class HeteroFedAvg(Strategy):
         if self.fraction_evaluate == 0.0:
             return []
         self._global = unpack_models(arrays)
-        nodes = self._sample(grid, config, self.fraction_evaluate, self.min_evaluate_nodes, -server_round)
+        nodes = self._sample(
+            grid, config, self.fraction_evaluate, self.min_evaluate_nodes, -server_round
+        )
         config["server-round"] = server_round
         return [
             Message(
@@ -289,13 +316,20 @@ class HeteroFedAvg(Strategy):
             for node, arch in nodes.items()
         ]
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
         """Accuracy on the clients' held-out data, per architecture and overall."""
         correct: dict[str, float] = {}
         counts: dict[str, int] = {}
         for msg in replies:
             if msg.has_error():
-                log(WARNING, "evaluate: node %s failed: %s", msg.metadata.src_node_id, msg.error.reason)
+                log(
+                    WARNING,
+                    "evaluate: node %s failed: %s",
+                    msg.metadata.src_node_id,
+                    msg.error.reason,
+                )
                 continue
             arch = str(msg.content[protocol.CONFIG]["arch"])
             metrics = msg.content[protocol.METRICS]
@@ -318,4 +352,3 @@ class HeteroFedAvg(Strategy):
             self.fraction_evaluate,
             self.min_available_nodes,
         )
-

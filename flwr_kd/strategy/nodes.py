@@ -21,12 +21,21 @@ class ArchitectureRegistry:
         """Wait for enough nodes, ask those not seen yet, and return {node: arch} of the
         connected nodes that answered."""
         while len(node_ids := list(grid.get_node_ids())) < self.min_available_nodes:
-            log(INFO, "Waiting for nodes: %d of %d connected", len(node_ids), self.min_available_nodes)
+            log(
+                INFO,
+                "Waiting for nodes: %d of %d connected",
+                len(node_ids),
+                self.min_available_nodes,
+            )
             time.sleep(1)
         unknown = [n for n in node_ids if n not in self.arch_of]
         if unknown:
             queries = [
-                Message(RecordDict({protocol.CONFIG: config}), dst_node_id=n, message_type=protocol.DESCRIBE)
+                Message(
+                    RecordDict({protocol.CONFIG: config}),
+                    dst_node_id=n,
+                    message_type=protocol.DESCRIBE,
+                )
                 for n in unknown
             ]
             for msg in grid.send_and_receive(queries):

@@ -25,7 +25,22 @@ class RoundOffset(Strategy):
     def summary(self) -> None:
         self.inner.summary()
 
-    def start(self, grid, initial_arrays, num_rounds=3, timeout=3600, train_config=None, evaluate_config=None, evaluate_fn=None):
+    def start(
+        self,
+        grid,
+        initial_arrays,
+        num_rounds=3,
+        timeout=3600,
+        train_config=None,
+        evaluate_config=None,
+        evaluate_fn=None,
+    ):
         """Flower's loop only (a FedMD's transfer learning and init phase are not repeated)."""
-        shifted = None if evaluate_fn is None else (lambda r, arrays: evaluate_fn(r + self.offset, arrays))
-        return super().start(grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config, shifted)
+        shifted = (
+            None
+            if evaluate_fn is None
+            else (lambda r, arrays: evaluate_fn(r + self.offset, arrays))
+        )
+        return super().start(
+            grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config, shifted
+        )
