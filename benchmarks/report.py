@@ -21,10 +21,11 @@ TARGETS = {
 WHEN_MISSED = {
     "aggregation_speedup_client_logits": (
         "The seed system's extra cost is every aggregator evaluating all n client models on the "
-        "distillation subset (n x subset forward passes each); flwr-kd's aggregators only train the "
-        "student. The ratio therefore grows with clients x subset size against the distillation "
-        "steps: this run has 10 clients and 3000 samples against 60 steps of 64. With the paper's "
-        "20 clients, or a subset twice as large, the teacher part doubles and the ratio passes 3."
+        "distillation subset (n x subset forward passes each); flwr-kd's aggregators only train "
+        "the student. The ratio therefore grows with clients x subset size against the "
+        "distillation steps: this run has 10 clients and 3000 samples against 60 steps of 64. "
+        "With the paper's 20 clients, or a subset twice as large, the teacher part doubles and "
+        "the ratio passes 3."
     ),
     "fanout_speedup": (
         "Three architecture tasks on a 2-core machine: one worker with both cores' threads against "
@@ -32,13 +33,21 @@ WHEN_MISSED = {
         "needs a third core; the serverless fan-out (one aggregator function per architecture, the "
         "seed system's 1.76x) has no such bound."
     ),
-    "pretrain_speedup": "Bounded by clients / unique architectures (here 10 / 3 = 3.3) and by the cores.",
+    "pretrain_speedup": (
+        "Bounded by clients / unique architectures (here 10 / 3 = 3.3) and by the cores."
+    ),
     "framework_overhead": (
         "Round wall time includes Ray's message passing and the process pool's task transfer; "
         "tiny rounds make that fixed cost a larger share."
     ),
-    "feddf_minus_fedavg": "FedDF's distillation uses the public set; too small a subset or too few steps gives the ensemble no time to help.",
-    "fedmd_minus_local_only": "Transfer learning on the public set carries FedMD; a tiny public set leaves it close to local-only.",
+    "feddf_minus_fedavg": (
+        "FedDF's distillation uses the public set; too small a subset or too few steps gives the "
+        "ensemble no time to help."
+    ),
+    "fedmd_minus_local_only": (
+        "Transfer learning on the public set carries FedMD; a tiny public set leaves it close to "
+        "local-only."
+    ),
 }
 
 
@@ -69,9 +78,12 @@ def write(mode: str) -> Path:
     lines = [
         "# flwr-kd benchmarks",
         "",
-        f"Made by `{cmd}` (`python benchmarks/run.py --mode {mode}`) on a {summary.get('cores')}-core machine in "
-        f"{summary.get('seconds', 0) / 60:.0f} minutes. Every ratio is measured side by side in that one run; "
-        f"the raw figures are in `benchmarks/results/{mode}/*.json`.",
+        (
+            f"Made by `{cmd}` (`python benchmarks/run.py --mode {mode}`) on a "
+            f"{summary.get('cores')}-core machine in {summary.get('seconds', 0) / 60:.0f} minutes. "
+            "Every ratio is measured side by side in that one run; "
+            f"the raw figures are in `benchmarks/results/{mode}/*.json`."
+        ),
         "",
         "## Headline figures (`summary.json`)",
         "",
@@ -96,19 +108,27 @@ def write(mode: str) -> Path:
             "",
             f"![accuracy](results/{mode}/accuracy.png)",
             "",
-            f"{cfg['dataset']}, {cfg['clients']} clients of {cfg['archs']} (assigned round-robin), "
-            f"{cfg['rounds']} rounds, Dirichlet alpha in {cfg['alphas']}, the same seed and split for every method. "
-            "Left: mean test accuracy over the architectures per round; right: final mean accuracy. "
-            "`local_only` is each architecture trained on one client's data alone with the same private-epoch "
-            "budget; `centralized` is each architecture on all private data pooled (the upper bound).",
+            (
+                f"{cfg['dataset']}, {cfg['clients']} clients of {cfg['archs']} (assigned "
+                f"round-robin), {cfg['rounds']} rounds, Dirichlet alpha in {cfg['alphas']}, the "
+                "same seed and split for every method. "
+                "Left: mean test accuracy over the architectures per round; right: final mean "
+                "accuracy. `local_only` is each architecture trained on one client's data alone "
+                "with the same private-epoch budget; `centralized` is each architecture on all "
+                "private data pooled (the upper bound)."
+            ),
             "",
-            "| alpha | local-only | FedAvg per group | FedMD | FedDF | transfer-only | centralized |",
+            (
+                "| alpha | local-only | FedAvg per group | FedMD | FedDF | transfer-only "
+                "| centralized |"
+            ),
             "| --- | --- | --- | --- | --- | --- | --- |",
         ]
         for alpha, row in acc["alphas"].items():
             m = row["mean"]
             lines.append(
-                f"| {alpha} | {m.get('local_only')} | {m.get('fedavg')} | {m.get('fedmd')} | {m.get('feddf')} | {m.get('transfer_only')} | {m.get('centralized')} |"
+                f"| {alpha} | {m.get('local_only')} | {m.get('fedavg')} | {m.get('fedmd')} "
+                f"| {m.get('feddf')} | {m.get('transfer_only')} | {m.get('centralized')} |"
             )
         lines += ["", "Per architecture (final accuracy):", ""]
         for alpha, row in acc["alphas"].items():
@@ -120,15 +140,23 @@ def write(mode: str) -> Path:
             "",
             "## Where a FedDF round's time goes",
             "",
-            f"Run: {timing['run']}. Rounds after the first (which includes Ray and worker start-up). "
-            f"{timing['note']}. Framework overhead = round wall time / critical path.",
+            (
+                f"Run: {timing['run']}. Rounds after the first (which includes Ray and worker "
+                f"start-up). {timing['note']}. "
+                "Framework overhead = round wall time / critical path."
+            ),
             "",
-            "| round | wall s | client compute (sum) | client critical path | FedAvg | distillation critical path | server evaluation | critical path | overhead |",
+            (
+                "| round | wall s | client compute (sum) | client critical path | FedAvg "
+                "| distillation critical path | server evaluation | critical path | overhead |"
+            ),
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for r in timing["rounds"]:
             lines.append(
-                f"| {r['round']} | {r['wall']} | {r['client_compute_sum']} | {r['client_critical_path']} | {r['fedavg']} | {r['distill_critical_path']} | {r['evaluation']} | {r['critical_path']} | {r['overhead']} |"
+                f"| {r['round']} | {r['wall']} | {r['client_compute_sum']} "
+                f"| {r['client_critical_path']} | {r['fedavg']} | {r['distill_critical_path']} "
+                f"| {r['evaluation']} | {r['critical_path']} | {r['overhead']} |"
             )
     if agg:
         s = agg["seconds"]
@@ -136,21 +164,28 @@ def write(mode: str) -> Path:
             "",
             "## FedDF aggregation",
             "",
-            f"{len(agg['architectures'])} architecture tasks, {agg['clients']} client models, {agg['subset']} public samples, "
-            f"{agg['distill_steps']} distillation steps (fixed work). Teacher logits from the clients: {s['clients_parallel']} s; "
-            f"the seed system's way (each aggregator evaluates all client models): {s['server_parallel']} s, so "
-            f"**{agg['aggregation_speedup_client_logits']}x**. The k tasks in parallel: {s['clients_parallel']} s, one after "
-            f"another: {s['clients_serial']} s, so **{agg['fanout_speedup']}x**. The teacher travels as "
-            f"{agg['teacher_logits_bytes_float16']} bytes of float16.",
+            (
+                f"{len(agg['architectures'])} architecture tasks, {agg['clients']} client models, "
+                f"{agg['subset']} public samples, {agg['distill_steps']} distillation steps (fixed "
+                f"work). Teacher logits from the clients: {s['clients_parallel']} s; the seed "
+                "system's way (each aggregator evaluates all client models): "
+                f"{s['server_parallel']} s, so **{agg['aggregation_speedup_client_logits']}x**. "
+                f"The k tasks in parallel: {s['clients_parallel']} s, one after another: "
+                f"{s['clients_serial']} s, so **{agg['fanout_speedup']}x**. The teacher travels "
+                f"as {agg['teacher_logits_bytes_float16']} bytes of float16."
+            ),
         ]
     if pre:
         lines += [
             "",
             "## FedMD transfer learning",
             "",
-            f"{pre['public_samples']} public samples, {pre['epochs']} epochs. Once per unique architecture "
-            f"({len(pre['architectures'])}, in parallel): {pre['unique_parallel_seconds']} s; once per client "
-            f"({pre['clients']}, same executor): {pre['per_client_seconds']} s: **{pre['pretrain_speedup']}x**.",
+            (
+                f"{pre['public_samples']} public samples, {pre['epochs']} epochs. Once per unique "
+                f"architecture ({len(pre['architectures'])}, in parallel): "
+                f"{pre['unique_parallel_seconds']} s; once per client ({pre['clients']}, same "
+                f"executor): {pre['per_client_seconds']} s: **{pre['pretrain_speedup']}x**."
+            ),
         ]
     if comm:
         b = comm["bytes"]
@@ -158,15 +193,22 @@ def write(mode: str) -> Path:
             "",
             "## Communication",
             "",
-            f"Bytes per client per round at alpha {comm['alpha']} (down = server to client, up = client to server):",
+            (
+                f"Bytes per client per round at alpha {comm['alpha']} "
+                "(down = server to client, up = client to server):"
+            ),
             "",
             "| strategy | down | up |",
             "| --- | --- | --- |",
             *[f"| {k} | {v['down_per_client']:,} | {v['up_per_client']:,} |" for k, v in b.items()],
             "",
-            f"FedDF logits as float16: mean accuracy {comm['logits_float16']['mean_accuracy']}, "
-            f"{comm['logits_float16']['up_per_client']:,} bytes up per client; as float32: "
-            f"{comm['logits_float32']['mean_accuracy']}, {comm['logits_float32']['up_per_client']:,} bytes.",
+            (
+                "FedDF logits as float16: mean accuracy "
+                f"{comm['logits_float16']['mean_accuracy']}, "
+                f"{comm['logits_float16']['up_per_client']:,} bytes up per client; as float32: "
+                f"{comm['logits_float32']['mean_accuracy']}, "
+                f"{comm['logits_float32']['up_per_client']:,} bytes."
+            ),
         ]
     if sls:
         lines += ["", "## Serverless (emulated)", ""]
@@ -175,14 +217,19 @@ def write(mode: str) -> Path:
                 v = sls[s]
                 inv = v["invocations"]
                 lines.append(
-                    f"- {s}: round latency {v['round_seconds']} s; client calls per client per round "
-                    f"{v['client_calls_per_round_per_client']} (seed system: {v['seed_system_calls_per_round_per_client']}); "
-                    f"mean call {inv.get('mean_call_seconds')} s of which compute {inv.get('mean_compute_seconds')} s "
-                    f"(overhead share {inv.get('overhead_share')}); bytes per round {inv.get('bytes_per_round')}; "
+                    f"- {s}: round latency {v['round_seconds']} s; "
+                    "client calls per client per round "
+                    f"{v['client_calls_per_round_per_client']} "
+                    f"(seed system: {v['seed_system_calls_per_round_per_client']}); "
+                    f"mean call {inv.get('mean_call_seconds')} s of which compute "
+                    f"{inv.get('mean_compute_seconds')} s "
+                    f"(overhead share {inv.get('overhead_share')}); "
+                    f"bytes per round {inv.get('bytes_per_round')}; "
                     f"{v['aggregator_calls']} aggregator calls."
                 )
         lines.append(
-            f"- cold start (new function process until it answers): {sls.get('cold_start_seconds')} s; "
+            "- cold start (new function process until it answers): "
+            f"{sls.get('cold_start_seconds')} s; "
             f"warm request (median of 20): {sls.get('warm_request_seconds_median')} s."
         )
     soak = load(out, "soak")
@@ -192,13 +239,18 @@ def write(mode: str) -> Path:
             "",
             "## Soak: faults injected and survived (emulated serverless)",
             "",
-            f"`{soak['command']}`: {soak['rounds_done']} of {soak['rounds']} rounds done in {soak['seconds']} s. "
-            f"Faults injected into {rel['injected_total']} of {rel['attempts']} call attempts ({rel['injected']}); "
-            f"{rel['retried_calls']} calls retried, {rel['taken_over']} taken over after their process died, "
-            f"{rel['left_out']} replies left out (valid replies per round: min {min(soak['replies_per_round'])}, "
-            f"mean {sum(soak['replies_per_round']) / len(soak['replies_per_round']):.2f} of 6). "
-            f"`flwr-kd cloud audit`: {len(soak['audit_problems'])} problems. Final models reloaded from Cloud Storage "
-            f"score {soak['final_accuracy_reloaded']} (reported {soak['final_accuracy_reported']}).",
+            (
+                f"`{soak['command']}`: {soak['rounds_done']} of {soak['rounds']} rounds done in "
+                f"{soak['seconds']} s. Faults injected into {rel['injected_total']} of "
+                f"{rel['attempts']} call attempts ({rel['injected']}); "
+                f"{rel['retried_calls']} calls retried, {rel['taken_over']} taken over after their "
+                f"process died, {rel['left_out']} replies left out (valid replies per round: min "
+                f"{min(soak['replies_per_round'])}, mean "
+                f"{sum(soak['replies_per_round']) / len(soak['replies_per_round']):.2f} of 6). "
+                f"`flwr-kd cloud audit`: {len(soak['audit_problems'])} problems. Final models "
+                f"reloaded from Cloud Storage score {soak['final_accuracy_reloaded']} "
+                f"(reported {soak['final_accuracy_reported']})."
+            ),
         ]
     if acc.get("memory"):
         mem = acc["memory"]
@@ -206,7 +258,10 @@ def write(mode: str) -> Path:
             "",
             "## Memory",
             "",
-            f"Peak resident memory of the whole FedDF simulation (all processes): {mem['peak_total_mib']} MiB.",
+            (
+                "Peak resident memory of the whole FedDF simulation (all processes): "
+                f"{mem['peak_total_mib']} MiB."
+            ),
             "",
         ]
         lines += [f"- {k}: {v} MiB" for k, v in mem["peak_per_process_mib"].items()]

@@ -26,13 +26,13 @@ ROOT = Path(__file__).resolve().parents[1]
 CORES = os.cpu_count() or 1
 
 MODES = {
-    "quick": dict(
-        dataset="digits",
-        clients=6,
-        alphas=[0.1, 100.0],
-        rounds=2,
-        archs="resnet10t,mobilenetv3_small_050,test_vit",
-        extra=[
+    "quick": {
+        "dataset": "digits",
+        "clients": 6,
+        "alphas": [0.1, 100.0],
+        "rounds": 2,
+        "archs": "resnet10t,mobilenetv3_small_050,test_vit",
+        "extra": [
             "-c",
             "local-epochs=3",
             "-c",
@@ -42,18 +42,18 @@ MODES = {
             "-c",
             "finetune-epochs=10",
         ],
-        aggregation=dict(subset=440, steps=30, clients=6),
-        emulate_rounds=1,
-        emulate_clients=3,
-        soak_rounds=10,
-    ),
-    "full": dict(
-        dataset="fashion-mnist",
-        clients=10,
-        alphas=[0.1, 0.5, 100.0],
-        rounds=4,
-        archs="resnet10t,mobilenetv3_small_050,test_vit",
-        extra=[
+        "aggregation": {"subset": 440, "steps": 30, "clients": 6},
+        "emulate_rounds": 1,
+        "emulate_clients": 3,
+        "soak_rounds": 10,
+    },
+    "full": {
+        "dataset": "fashion-mnist",
+        "clients": 10,
+        "alphas": [0.1, 0.5, 100.0],
+        "rounds": 4,
+        "archs": "resnet10t,mobilenetv3_small_050,test_vit",
+        "extra": [
             "-c",
             "max-private=3000",
             "-c",
@@ -73,11 +73,11 @@ MODES = {
             "-c",
             "public-fraction=0.1",
         ],
-        aggregation=dict(subset=3000, steps=60, clients=10),
-        emulate_rounds=2,
-        emulate_clients=4,
-        soak_rounds=50,
-    ),
+        "aggregation": {"subset": 3000, "steps": 60, "clients": 10},
+        "emulate_rounds": 2,
+        "emulate_clients": 4,
+        "soak_rounds": 50,
+    },
 }
 
 
@@ -336,7 +336,10 @@ def timing_section(acc: dict, mode: dict, out: Path) -> dict:
         "cores": CORES,
         "rounds": rounds,
         "framework_overhead": round(overhead, 3),
-        "note": "critical path on this machine's cores: max(longest task, total compute / cores) for clients and for distillation, plus FedAvg",
+        "note": (
+            "critical path on this machine's cores: max(longest task, total compute / cores) "
+            "for clients and for distillation, plus FedAvg"
+        ),
     }
     save(out, "timing", data)
     return data
@@ -416,7 +419,12 @@ def pretrain_section(mode: dict, out: Path) -> dict:
     from flwr_kd.data import DataSpec, load_federated
     from flwr_kd.fanout import ProcessFanOut
     from flwr_kd.models import create_model, state_to_numpy
-    from flwr_kd.pretrain import PretrainConfig, per_client_seconds, transfer_learning
+    from flwr_kd.pretrain import (
+        PretrainConfig,
+        TransferData,
+        per_client_seconds,
+        transfer_learning,
+    )
 
     archs = mode["archs"].split(",")
     extra = _extra_config(mode)
@@ -431,27 +439,20 @@ def pretrain_section(mode: dict, out: Path) -> dict:
     pc = PretrainConfig(epochs=max(1, int(extra.get("pretrain-epochs", 20)) // 2))
     initial = {a: state_to_numpy(create_model(a, data.model_spec)) for a in archs}
     client_archs = [archs[i % len(archs)] for i in range(mode["clients"])]
+    val = (data.val_x, data.val_y)
     import tempfile
 
     with ProcessFanOut() as fanout, tempfile.TemporaryDirectory() as cache:
         per_client_seconds(
             client_archs[:2],
             initial,
-            data.model_spec,
-            data.public_x[:64],
-            data.public_y[:64],
-            data.val_x,
-            data.val_y,
+            TransferData(data.model_spec, data.public_x[:64], data.public_y[:64], *val),
             PretrainConfig(epochs=1),
             fanout,
         )  # start the workers before timing
         _, report = transfer_learning(
             initial,
-            data.model_spec,
-            data.public_x,
-            data.public_y,
-            data.val_x,
-            data.val_y,
+            TransferData(data.model_spec, data.public_x, data.public_y, *val),
             pc,
             fanout,
             Path(cache),
@@ -459,18 +460,14 @@ def pretrain_section(mode: dict, out: Path) -> dict:
         per_client = per_client_seconds(
             client_archs,
             initial,
-            data.model_spec,
-            data.public_x,
-            data.public_y,
-            data.val_x,
-            data.val_y,
+            TransferData(data.model_spec, data.public_x, data.public_y, *val),
             pc,
             fanout,
         )
     data_out = {
         "architectures": archs,
         "clients": mode["clients"],
-        "public_samples": int(len(data.public_x)),
+        "public_samples": len(data.public_x),
         "epochs": pc.epochs,
         "unique_parallel_seconds": round(report.seconds, 2),
         "per_client_seconds": round(per_client, 2),
@@ -596,9 +593,15 @@ def soak_section(mode: dict, out: Path) -> dict:
     from flwr_kd.data import load_federated
     from flwr_kd.records import state_to_record
     from flwr_kd.report import ServerTestScore
+    from flwr_kd.serverless import names
     from flwr_kd.serverless.arraystore import GcsArrayStore
     from flwr_kd.serverless.audit import audit_run
-    from flwr_kd.serverless.emulate import DEFAULT_PROJECT, set_env_until_close, start_emulators
+    from flwr_kd.serverless.emulate import DEFAULT_BUCKET
+    from flwr_kd.serverless.emulators import (
+        DEFAULT_PROJECT,
+        set_env_until_close,
+        start_emulators,
+    )
     from flwr_kd.serverless.roundstore import RoundStore
 
     rounds, run = mode["soak_rounds"], f"soak-{int(time.time())}"
@@ -639,10 +642,10 @@ def soak_section(mode: dict, out: Path) -> dict:
         t0 = time.perf_counter()
         result, _ = flwr_kd(args, out / "runs" / "soak")
         seconds = time.perf_counter() - t0
-        problems = audit_run(run, RoundStore(), GcsArrayStore("flwr-kd-arrays"))
+        problems = audit_run(run, RoundStore(), GcsArrayStore(DEFAULT_BUCKET))
         cfg = config_from_args(_parser().parse_args(args))
         data = load_federated(cfg.data_spec)
-        final = GcsArrayStore("flwr-kd-arrays").get(f"runs/{run}/rounds/{rounds}/global.npz")
+        final = GcsArrayStore(DEFAULT_BUCKET).get(names.global_object(run, rounds))
         reevaluated = ServerTestScore(cfg.arch_list, data.model_spec, data.test_x, data.test_y)(
             rounds, state_to_record(final)
         )

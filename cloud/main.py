@@ -6,7 +6,9 @@ Deployed by terraform/ with `flwr_kd/` beside this file; run locally with
 
 import functions_framework
 
-from flwr_kd.serverless.functions import as_response, handle_aggregator, handle_client
+from flwr_kd.serverless.functions.aggregator import handle_aggregator
+from flwr_kd.serverless.functions.client import handle_client
+from flwr_kd.serverless.functions.http import as_response
 
 
 @functions_framework.http

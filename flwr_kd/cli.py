@@ -8,7 +8,7 @@ import sys
 from flwr_kd.data import DataError, load_federated
 from flwr_kd.experiment import STRATEGIES, ConfigError, ExperimentConfig
 from flwr_kd.models import UnknownArchitectureError, check_architecture
-from flwr_kd.strategy.hetero import TooFewReplies
+from flwr_kd.strategy import TooFewReplies
 
 
 class _Parser(argparse.ArgumentParser):
@@ -45,7 +45,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     cloud.add_parser(
         "emulators",
-        help="start fake-gcs-server and the Firestore emulator until Ctrl-C; prints their environment",
+        help=(
+            "start fake-gcs-server and the Firestore emulator until Ctrl-C; "
+            "prints their environment"
+        ),
     )
     audit = cloud.add_parser(
         "audit", help="check that a run's records are complete (rounds, calls, verdicts, models)"
@@ -53,7 +56,10 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument("run_id", metavar="RUN")
     audit.add_argument(
         "--outputs",
-        help="file with `terraform output -json` (default: the emulators named by STORAGE_EMULATOR_HOST and FIRESTORE_EMULATOR_HOST)",
+        help=(
+            "file with `terraform output -json` (default: the emulators named by "
+            "STORAGE_EMULATOR_HOST and FIRESTORE_EMULATOR_HOST)"
+        ),
     )
     audit.add_argument(
         "--bucket", default="flwr-kd-arrays", help="arrays bucket, without --outputs"
@@ -162,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "cloud" and args.cloud_command == "audit":
         return _audit(args)
     if args.command == "cloud" and args.cloud_command == "emulators":
-        from flwr_kd.serverless.emulate import serve_emulators
+        from flwr_kd.serverless.emulators import serve_emulators
 
         serve_emulators()
         return 0
@@ -190,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
 def _cloud(args: argparse.Namespace, cfg: ExperimentConfig) -> int:
     import json
     import logging
+    import uuid
 
     logging.getLogger("flwr").setLevel(logging.WARNING)
     from flwr_kd.serverless.grid import GridOptions, google_id_token_auth
@@ -203,8 +210,8 @@ def _cloud(args: argparse.Namespace, cfg: ExperimentConfig) -> int:
 
         emulate(cfg, run_id, resume=bool(args.resume), options=options)
         return 0
-    from flwr_kd.serverless.discovery import DeploymentError, check_active, discover
-    from flwr_kd.serverless.driver import Deployment, drive
+    from flwr_kd.serverless.deployment import Deployment, DeploymentError, check_active, discover
+    from flwr_kd.serverless.driver import drive
 
     project, region = args.project, args.region
     try:
@@ -218,26 +225,22 @@ def _cloud(args: argparse.Namespace, cfg: ExperimentConfig) -> int:
             deployment = discover(project, region, args.name_prefix)
         else:
             print(
-                "flwr-kd: error: cloud run needs --outputs (terraform output -json) or --project and --region",
+                "flwr-kd: error: cloud run needs --outputs (terraform output -json) "
+                "or --project and --region",
                 file=sys.stderr,
             )
             return 2
         if not args.skip_active_check:
             if not (project and region):
                 raise DeploymentError(
-                    "cannot check the functions are ACTIVE without project and region (or pass --skip-active-check)"
+                    "cannot check the functions are ACTIVE without project and region "
+                    "(or pass --skip-active-check)"
                 )
-            check_active(
-                project,
-                region,
-                [c.url for c in deployment.clients] + list(deployment.aggregators.values()),
-            )
+            check_active(project, region, deployment.function_urls())
     except (OSError, ValueError, KeyError, DeploymentError) as exc:
         print(f"flwr-kd: error: {exc}", file=sys.stderr)
         return 2
     options.auth = None if args.no_auth else google_id_token_auth()
-    import uuid
-
     drive(
         cfg,
         deployment,
@@ -253,7 +256,7 @@ def _audit(args: argparse.Namespace) -> int:
 
     from flwr_kd.serverless.arraystore import GcsArrayStore
     from flwr_kd.serverless.audit import audit_run
-    from flwr_kd.serverless.driver import Deployment
+    from flwr_kd.serverless.deployment import Deployment
     from flwr_kd.serverless.roundstore import RoundStore
 
     bucket, database = args.bucket, args.database

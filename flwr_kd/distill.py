@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from flwr_kd.configs import DistillConfig, FedMDRoundConfig
 from flwr_kd.training import batches, evaluate
 
 
@@ -46,18 +47,6 @@ def average_logits(logits: list[np.ndarray], weights: list[float] | None = None)
     if w.shape != (len(logits),) or (w < 0).any() or w.sum() <= 0:
         raise ValueError("weights must be one non-negative value per logits array, not all 0")
     return np.tensordot(w / w.sum(), stacked, axes=1).astype(np.float32)
-
-
-@dataclass(frozen=True)
-class DistillConfig:
-    """Hyper-parameters of server-side distillation (paper: 1e4 steps, patience 1e3)."""
-
-    steps: int = 100
-    batch_size: int = 64
-    lr: float = 1e-3
-    temperature: float = 1.0
-    eval_every: int = 10
-    patience: int = 50  # steps without a validation improvement before stopping
 
 
 @dataclass(frozen=True)
@@ -116,29 +105,27 @@ def digest(
     x: np.ndarray,
     consensus: np.ndarray,
     *,
-    loss: str = "mae",
-    epochs: int = 1,
-    batch_size: int = 256,
-    lr: float = 1e-3,
-    temperature: float = 1.0,
+    config: FedMDRoundConfig,
     seed: int = 0,
 ) -> float:
-    """FedMD's digest step: train `model` towards the consensus logits on public inputs.
-    `mae` is the paper code's L1 loss on raw logits; `kl` is `kd_loss` at `temperature`.
-    Returns the mean loss of the last epoch."""
+    """FedMD's digest step: train `model` towards the consensus logits on public inputs, as
+    the round's config says (`digest_loss`, `digest_epochs`, `digest_batch_size`, `lr`,
+    `temperature`). Loss `mae` is the paper code's L1 loss on raw logits; `kl` is `kd_loss`
+    at `temperature`. Returns the mean loss of the last epoch."""
+    loss, temperature = config.digest_loss, config.temperature
     if loss not in DIGEST_LOSSES:
         raise ValueError(f"digest loss must be one of {DIGEST_LOSSES}, got '{loss}'")
     if len(x) != len(consensus):
         raise ValueError(f"{len(x)} inputs but {len(consensus)} consensus logits")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     xt, ct = torch.from_numpy(x), torch.from_numpy(np.asarray(consensus, np.float32))
     last = float("nan")
-    for _ in range(epochs):
+    for _ in range(config.digest_epochs):
         model.train()
         total, count = 0.0, 0
-        for idx in batches(len(x), batch_size, rng):
+        for idx in batches(len(x), config.digest_batch_size, rng):
             out = model(xt[idx])
             value = F.l1_loss(out, ct[idx]) if loss == "mae" else kd_loss(out, ct[idx], temperature)
             opt.zero_grad(set_to_none=True)

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from flwr_kd.configs import DistillConfig, FedMDRoundConfig, PretrainConfig, TrainConfig
 from flwr_kd.data import DataSpec
-from flwr_kd.distill import DistillConfig
 from flwr_kd.faults import parse_kinds
 from flwr_kd.models import DEFAULT_ARCHITECTURES, check_architecture
-
-STRATEGIES = ("feddf", "fedmd", "fedavg")
+from flwr_kd.registry import STRATEGIES  # the strategy names, from what the runner can build
 
 
 class ConfigError(ValueError):
@@ -30,29 +29,28 @@ class ExperimentConfig:
     seed: int = 0
     num_server_rounds: int = 5
     archs: str = ",".join(DEFAULT_ARCHITECTURES)
-    local_epochs: int = 5
-    batch_size: int = 16
-    lr: float = 1e-3
+    # Defaults of client and server-task settings come from their typed configs (flwr_kd.configs).
+    local_epochs: int = TrainConfig.local_epochs
+    batch_size: int = TrainConfig.batch_size
+    lr: float = TrainConfig.lr
     fraction_train: float = 1.0
     fraction_evaluate: float = 0.0
-    distill_steps: int = 100
-    distill_batch_size: int = 64
-    distill_lr: float = 1e-3
-    temperature: float = 1.0
+    distill_steps: int = DistillConfig.steps
+    distill_batch_size: int = DistillConfig.batch_size
+    distill_lr: float = DistillConfig.lr
+    temperature: float = DistillConfig.temperature
     subset_size: int = 0  # public samples per round; 0 means all
     teacher: str = "clients"
-    logits_dtype: str = "float16"
+    logits_dtype: str = TrainConfig.logits_dtype
     fanout: str = "process"
-    # FedMD. The paper digests 1 epoch of 5000 public samples at batch 256 (20 steps) with MAE
-    # on logits and revisits 2-10 epochs; scaled to ~450 public digits: 4 epochs at batch 32
-    # (56 steps), KL at T=3 (more accurate than MAE here, see the FedMD issue note), 1 revisit.
-    pretrain_epochs: int = 20
-    finetune_epochs: int = 20
-    digest_epochs: int = 4
-    digest_batch_size: int = 32
-    digest_loss: str = "kl"
-    digest_temperature: float = 3.0
-    revisit_epochs: int = 1
+    # FedMD (why these defaults: FedMDRoundConfig's docstring)
+    pretrain_epochs: int = PretrainConfig.epochs
+    finetune_epochs: int = FedMDRoundConfig.finetune_epochs
+    digest_epochs: int = FedMDRoundConfig.digest_epochs
+    digest_batch_size: int = FedMDRoundConfig.digest_batch_size
+    digest_loss: str = FedMDRoundConfig.digest_loss
+    digest_temperature: float = FedMDRoundConfig.temperature
+    revisit_epochs: int = FedMDRoundConfig.revisit_epochs
     # Reliability: a round needs `min-replies` valid replies; `round-timeout` (seconds, 0:
     # Flower's default of 3600) cuts stragglers; `fail-*` inject faults (see flwr_kd.faults).
     min_replies: int = 2
@@ -122,7 +120,19 @@ class ExperimentConfig:
         return self.num_server_rounds * self.local_epochs
 
     @property
+    def pretrain_config(self) -> PretrainConfig:
+        """FedMD's transfer learning: `pretrain-epochs` at the run's `lr` and `seed`."""
+        return PretrainConfig(epochs=self.pretrain_epochs, lr=self.lr, seed=self.seed)
+
+    @property
+    def train_config(self) -> TrainConfig:
+        """The settings of every `train` message (the strategy adds each one's header): the
+        run-config keys of the same names (`local-epochs`, `batch-size`, `lr`, `logits-dtype`)."""
+        return TrainConfig.from_config(self.to_run_config())
+
+    @property
     def distill_config(self) -> DistillConfig:
+        """FedDF's server-side distillation: the `distill-*` keys and `temperature`."""
         return DistillConfig(
             steps=self.distill_steps,
             batch_size=self.distill_batch_size,
@@ -135,9 +145,7 @@ class ExperimentConfig:
         return {
             **self.data_spec.to_config(),
             "archs": self.archs,
-            "local-epochs": self.local_epochs,
-            "batch-size": self.batch_size,
-            "lr": self.lr,
+            **self.train_config.settings(),
             **(
                 {
                     "fail-rate": self.fail_rate,

@@ -14,7 +14,10 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # Self is in typing only from Python 3.11
+    from typing_extensions import Self
 
 
 class FanOut(ABC):
@@ -26,7 +29,7 @@ class FanOut(ABC):
     def close(self) -> None:
         """Release workers (no-op by default)."""
 
-    def __enter__(self) -> FanOut:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

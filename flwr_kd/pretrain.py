@@ -9,10 +9,14 @@ import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from logging import INFO
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
+from flwr.common.logger import log
 
+from flwr_kd.configs import PretrainConfig
 from flwr_kd.fanout import FanOut
 from flwr_kd.models import ModelSpec
 from flwr_kd.records import State
@@ -20,12 +24,15 @@ from flwr_kd.state import LocalStateStore
 from flwr_kd.tasks import LocalTrainTask, run_local_train_task
 
 
-@dataclass(frozen=True)
-class PretrainConfig:
-    epochs: int = 20
-    batch_size: int = 32
-    lr: float = 1e-3
-    seed: int = 0
+class TransferData(NamedTuple):
+    """What transfer learning trains on: the public labelled set, scored on the server's
+    labelled validation set, for models of `spec`."""
+
+    spec: ModelSpec
+    public_x: np.ndarray
+    public_y: np.ndarray
+    val_x: np.ndarray
+    val_y: np.ndarray
 
 
 @dataclass
@@ -66,30 +73,15 @@ def cache_key(
     return f"{arch}-{h.hexdigest()[:24]}"
 
 
-def _task(arch, init, spec, x, y, val_x, val_y, config, seed) -> LocalTrainTask:
-    return LocalTrainTask(
-        arch=arch,
-        model_spec=spec,
-        x=x,
-        y=y,
-        test_x=val_x,
-        test_y=val_y,
-        epochs=config.epochs,
-        batch_size=config.batch_size,
-        lr=config.lr,
-        seed=seed,
-        init_state=init,
-        return_state=True,
-    )
+def _task(arch, init, data: TransferData, config, seed) -> LocalTrainTask:
+    """Train `arch` from `init` on the public set, scored on validation, returning its weights."""
+    hyper = {**asdict(config), "seed": seed}  # epochs, batch_size, lr: the task's own fields
+    return LocalTrainTask(arch, *data, init_state=init, return_state=True, **hyper)
 
 
 def transfer_learning(
     initial: dict[str, State],
-    spec: ModelSpec,
-    public_x: np.ndarray,
-    public_y: np.ndarray,
-    val_x: np.ndarray,
-    val_y: np.ndarray,
+    data: TransferData,
     config: PretrainConfig,
     fanout: FanOut,
     cache_dir: Path | None = None,
@@ -98,7 +90,8 @@ def transfer_learning(
     t0 = time.perf_counter()
     store = LocalStateStore(cache_dir or default_cache_dir())
     keys = {
-        arch: cache_key(arch, init, public_x, public_y, config) for arch, init in initial.items()
+        arch: cache_key(arch, init, data.public_x, data.public_y, config)
+        for arch, init in initial.items()
     }
     weights: dict[str, State] = {}
     for arch, key in keys.items():
@@ -107,10 +100,7 @@ def transfer_learning(
             weights[arch] = cached
     missing = [arch for arch in initial if arch not in weights]
     # one seed for all: the cache key must determine the weights, whatever else is cached
-    tasks = [
-        _task(arch, initial[arch], spec, public_x, public_y, val_x, val_y, config, config.seed)
-        for arch in missing
-    ]
+    tasks = [_task(arch, initial[arch], data, config, config.seed) for arch in missing]
     report = TransferReport(
         seconds=0.0, trained=missing, cached=[a for a in initial if a not in missing]
     )
@@ -125,11 +115,7 @@ def transfer_learning(
 def per_client_seconds(
     client_archs: list[str],
     initial: dict[str, State],
-    spec: ModelSpec,
-    public_x: np.ndarray,
-    public_y: np.ndarray,
-    val_x: np.ndarray,
-    val_y: np.ndarray,
+    data: TransferData,
     config: PretrainConfig,
     fanout: FanOut,
 ) -> float:
@@ -137,8 +123,37 @@ def per_client_seconds(
     (uncached), on the same executor."""
     t0 = time.perf_counter()
     tasks = [
-        _task(arch, initial[arch], spec, public_x, public_y, val_x, val_y, config, config.seed + i)
+        _task(arch, initial[arch], data, config, config.seed + i)
         for i, arch in enumerate(client_archs)
     ]
     fanout.map(run_local_train_task, tasks)
     return time.perf_counter() - t0
+
+
+def pretrain_architectures(
+    initial: dict[str, State],
+    client_archs: list[str],
+    data: TransferData,
+    config: PretrainConfig,
+    fanout: FanOut,
+    cache_dir: Path | None = None,
+    measure_per_client: bool = False,
+) -> tuple[dict[str, State], TransferReport]:
+    """`transfer_learning` as FedMD runs it before round 1, logged. `measure_per_client` also
+    times the seed system's way (`per_client_seconds`) into the report."""
+    weights, report = transfer_learning(initial, data, config, fanout, cache_dir)
+    log(
+        INFO,
+        "Transfer learning: %.1fs, trained %s, cached %s",
+        report.seconds,
+        report.trained,
+        report.cached,
+    )
+    if measure_per_client:
+        report.per_client_seconds = per_client_seconds(client_archs, initial, data, config, fanout)
+        log(
+            INFO,
+            "Transfer learning once per client (for the record): %.1fs",
+            report.per_client_seconds,
+        )
+    return weights, report

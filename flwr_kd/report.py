@@ -1,4 +1,4 @@
-"""What users see: a live per-round table, `result.json` and `accuracy.png`."""
+"""What users see: a live per-round table, the final summary, `result.json` and `accuracy.png`."""
 
 from __future__ import annotations
 
@@ -46,9 +46,8 @@ class RoundRecorder:
         archs: list[str],
         score: Callable[[int, ArrayRecord], dict[str, float]],
         out=None,
-        on_round_end: Callable[[int, ArrayRecord], None] | None = None,
     ):
-        self.archs, self.score, self.out, self.on_round_end = archs, score, out, on_round_end
+        self.archs, self.score, self.out = archs, score, out
         self.rounds: list[dict] = []
         self._last = time.perf_counter()
 
@@ -82,10 +81,17 @@ class RoundRecorder:
             file=self.out or sys.stdout,
             flush=True,
         )
-        if self.on_round_end is not None:
-            self.on_round_end(server_round, arrays)
         self._last = time.perf_counter()
         return MetricRecord({"accuracy": mean, **{f"accuracy/{a}": v for a, v in acc.items()}})
+
+
+def publish_result(result: dict, out_dir: str | Path) -> None:
+    """Print the final summary and, with an out_dir, write `result.json` and `accuracy.png`:
+    the one place both runtimes report a run."""
+    print_summary(result)
+    if out_dir:
+        path = write_result(out_dir, result)
+        print(f"\nwrote {path} and {path.parent / 'accuracy.png'}")
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -143,7 +149,10 @@ def plot_accuracy(result: dict, file) -> None:
         xlabel="round",
         ylabel="test accuracy",
         ylim=(0, 1),
-        title=f"{cfg['strategy']} on {cfg['dataset']}: {cfg['num-clients']} clients, alpha={cfg['alpha']}",
+        title=(
+            f"{cfg['strategy']} on {cfg['dataset']}: "
+            f"{cfg['num-clients']} clients, alpha={cfg['alpha']}"
+        ),
     )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")

@@ -12,7 +12,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from flwr_kd.experiment import ConfigError, ExperimentConfig
 from flwr_kd.faults import SERVERLESS_ONLY, parse_kinds
-from flwr_kd.server_app import run_experiment
+from flwr_kd.runner import run_experiment
 
 
 def _contain_runtime() -> None:
@@ -33,7 +33,8 @@ def simulate(cfg: ExperimentConfig, verbose: bool = False) -> dict:
     )
     if unsupported:
         raise ConfigError(
-            f"fault kind(s) {', '.join(unsupported)} need the serverless runtime (flwr-kd cloud emulate)"
+            f"fault kind(s) {', '.join(unsupported)} need the serverless runtime"
+            " (flwr-kd cloud emulate)"
         )
     _contain_runtime()
     from flwr.simulation import run_simulation

@@ -2,8 +2,8 @@
 
 FedMD clients keep private models across rounds. Flower's `context.state` would be copied with
 every message, so state goes to a store named by a URI in the round config: `file://<dir>`
-(simulation: one directory per run, one file per node). The serverless runtime adds Cloud
-Storage behind the same two calls. The transfer-learning cache is the same kind of store.
+(simulation: one directory per run, one file per node). The serverless runtime registers Cloud
+Storage (`gs://`) behind the same two calls. The transfer-learning cache is the same kind of store.
 Arrays are stored as `.npz` and loaded without pickle.
 """
 
@@ -12,8 +12,9 @@ from __future__ import annotations
 import io
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import ParseResult, urlparse
 
 import numpy as np
 
@@ -48,15 +49,30 @@ class LocalStateStore:
         os.replace(tmp, self._path(key))
 
 
-def open_state_store(uri: str):
-    """The store a `state-uri` config value names: `file://<dir>` or `gs://<bucket>/<prefix>`."""
-    parsed = urlparse(uri)
-    if parsed.scheme == "file":
-        return LocalStateStore(parsed.path)
-    if parsed.scheme == "gs":
-        from flwr_kd.serverless.arraystore import GcsArrayStore, GcsStateStore
+#: URI scheme -> how to open a store of that scheme from the parsed URI. Runtimes add theirs
+#: (`register_state_store`), so that this core module imports none of them.
+_FACTORIES: dict[str, Callable[[ParseResult], object]] = {
+    "file": lambda parsed: LocalStateStore(parsed.path)
+}
+#: Who registers the schemes flwr-kd knows of, for the error when one is missing.
+_PROVIDERS = {"gs": "the serverless runtime: importing its array store (serverless/arraystore.py)"}
 
-        return GcsStateStore(GcsArrayStore(parsed.netloc), parsed.path.lstrip("/"))
-    raise ValueError(
-        f"unsupported client state URI '{uri}' (expected file://<dir> or gs://<bucket>/<prefix>)"
-    )
+
+def register_state_store(scheme: str, factory: Callable[[ParseResult], object]) -> None:
+    """Open `scheme://...` state URIs with `factory(parsed URI)` (a store with load and save)."""
+    _FACTORIES[scheme] = factory
+
+
+def open_state_store(uri: str):
+    """The store a `state-uri` config value names: `file://<dir>`, or a registered scheme
+    (`gs://<bucket>/<prefix>` once the serverless runtime is imported)."""
+    parsed = urlparse(uri)
+    factory = _FACTORIES.get(parsed.scheme)
+    if factory is None:
+        provider = _PROVIDERS.get(parsed.scheme)
+        hint = f"; '{parsed.scheme}://' is provided by {provider}" if provider else ""
+        raise ValueError(
+            f"unsupported client state URI '{uri}': no store registered for scheme "
+            f"'{parsed.scheme}' (registered: {', '.join(sorted(_FACTORIES))}){hint}"
+        )
+    return factory(parsed)

@@ -272,8 +272,9 @@ def deployment(cloud_env, tmp_path_factory):
     from flwr_kd.cli import _parser, config_from_args
     from flwr_kd.data import load_federated
     from flwr_kd.serverless.arraystore import GcsArrayStore
-    from flwr_kd.serverless.driver import Deployment, upload_client_data
-    from flwr_kd.serverless.functions import data_fingerprint
+    from flwr_kd.serverless.deployment import Deployment
+    from flwr_kd.serverless.driver import upload_client_data
+    from flwr_kd.serverless.names import data_fingerprint
 
     ensure_bucket(DEPLOY_BUCKET)
     log_dir = tmp_path_factory.mktemp("function-logs")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from google.cloud import functions_v2
 
-from flwr_kd.serverless.discovery import DeploymentError, check_active, discover
+from flwr_kd.serverless.deployment import DeploymentError, check_active, discover
 
 PROJECT, REGION = "demo-p", "europe-west1"
 

@@ -25,7 +25,12 @@ from flwr_kd.distill import average_logits
 from flwr_kd.experiment import ExperimentConfig
 from flwr_kd.fanout import SerialFanOut
 from flwr_kd.models import ModelSpec, create_model, load_numpy_state, state_to_numpy
-from flwr_kd.pretrain import PretrainConfig, per_client_seconds, transfer_learning
+from flwr_kd.pretrain import (
+    PretrainConfig,
+    TransferData,
+    per_client_seconds,
+    transfer_learning,
+)
 from flwr_kd.records import pack_models
 from flwr_kd.state import LocalStateStore
 from flwr_kd.strategy import FedMD, FedMDError
@@ -375,10 +380,10 @@ def test_transfer_learning_is_cached_per_architecture(tmp_path):
     initial = _initial(data.model_spec)
     config = PretrainConfig(epochs=1, batch_size=32)
     cache = tmp_path / "cache"
-    args = (data.model_spec, x, y, data.val_x, data.val_y)
+    args = TransferData(data.model_spec, x, y, data.val_x, data.val_y)
 
     fanout = RecordingFanOut()
-    first, report = transfer_learning(initial, *args, config, fanout, cache)
+    first, report = transfer_learning(initial, args, config, fanout, cache)
     assert report.trained == list(ARCHS) and report.cached == []
     assert [t.arch for t in fanout.tasks] == list(ARCHS)
     assert sorted(report.val_accuracy) == sorted(ARCHS)
@@ -390,7 +395,7 @@ def test_transfer_learning_is_cached_per_architecture(tmp_path):
 
     # the same call again: nothing trained, nothing sent to the executor, the same weights
     fanout = RecordingFanOut()
-    second, report = transfer_learning(initial, *args, config, fanout, cache)
+    second, report = transfer_learning(initial, args, config, fanout, cache)
     assert report.trained == [] and report.cached == list(ARCHS)
     assert fanout.tasks == []
     for arch in ARCHS:
@@ -400,7 +405,7 @@ def test_transfer_learning_is_cached_per_architecture(tmp_path):
 
     # and those are the weights training gives: a cold cache trains them again, identically
     fanout = RecordingFanOut()
-    cold, report = transfer_learning(initial, *args, config, fanout, tmp_path / "cold")
+    cold, report = transfer_learning(initial, args, config, fanout, tmp_path / "cold")
     assert report.trained == list(ARCHS) and len(fanout.tasks) == len(ARCHS)
     for arch in ARCHS:
         assert _states_equal(cold[arch], first[arch])
@@ -419,7 +424,7 @@ def test_transfer_learning_is_cached_per_architecture(tmp_path):
     for name, (init, px, py, cfg) in changes.items():
         fanout = RecordingFanOut()
         _, report = transfer_learning(
-            init, data.model_spec, px, py, data.val_x, data.val_y, cfg, fanout, cache
+            init, TransferData(data.model_spec, px, py, data.val_x, data.val_y), cfg, fanout, cache
         )
         assert sorted(report.trained) == sorted(ARCHS) and report.cached == [], name
         assert len(fanout.tasks) == len(ARCHS), name
@@ -433,7 +438,7 @@ def test_retraining_an_evicted_cache_entry_reproduces_it(tmp_path):
     initial = _initial(data.model_spec)
     config = PretrainConfig(epochs=1, batch_size=32)
     cache = tmp_path / "cache"
-    args = (data.model_spec, x, y, data.val_x, data.val_y, config)
+    args = (TransferData(data.model_spec, x, y, data.val_x, data.val_y), config)
     first, _ = transfer_learning(initial, *args, SerialFanOut(), cache)
 
     evicted = ARCHS[1]
@@ -457,11 +462,7 @@ def test_per_client_seconds_runs_one_task_per_client(tmp_path):
     seconds = per_client_seconds(
         client_archs,
         initial,
-        data.model_spec,
-        x,
-        y,
-        data.val_x,
-        data.val_y,
+        TransferData(data.model_spec, x, y, data.val_x, data.val_y),
         PretrainConfig(epochs=1),
         fanout,
     )
@@ -707,7 +708,7 @@ def test_run_experiment_fedmd_reports_baselines_and_transfer_learning(tmp_path):
     collecting, it would take the CLI test's printed summary away from that test's capsys,
     hence the import here; and after the CLI test it prints to that test's closed capsys
     stream ("I/O operation on closed file") until report.py resolves stdout per call."""
-    from flwr_kd.server_app import run_experiment
+    from flwr_kd.runner import run_experiment
 
     n = 4
     cfg = ExperimentConfig.from_run_config(
@@ -764,4 +765,4 @@ def test_fedmd_rejects_bad_options(tmp_path):
     with pytest.raises(ValueError, match="min_replies must be at least 1"):
         _fedmd(data, tmp_path, 2, min_replies=0)
     for loss in ("kl", "mae"):
-        assert _fedmd(data, tmp_path, 2, digest_loss=loss).client_config["digest-loss"] == loss
+        assert _fedmd(data, tmp_path, 2, digest_loss=loss).round_config.digest_loss == loss

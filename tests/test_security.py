@@ -34,7 +34,8 @@ pytest.register_assert_rewrite("serverless_fixtures")  # it is also a plugin (be
 from serverless_fixtures import CLOUD_MAIN, ensure_bucket, function_env, list_objects, started
 
 from flwr_kd.serverless.emulators import FunctionProcess
-from flwr_kd.serverless.functions import HttpError, verify_caller
+from flwr_kd.serverless.functions.errors import HttpError
+from flwr_kd.serverless.functions.tokens import verify_caller
 
 # the fixtures (emulators, cloud_env)
 pytest_plugins = ["serverless_fixtures"]
@@ -291,7 +292,9 @@ def bad_tokens(signer: Signer, audience: str) -> dict[str, str]:
         "wrong-audience": signer.token("http://127.0.0.1:1"),
         "extra-segment": f"{valid}.{signature}",
         "missing-segment": f"{header}.{signature}",
-        "header-not-json": f"{base64.urlsafe_b64encode(b'not json').decode()}.{payload}.{signature}",
+        "header-not-json": (
+            f"{base64.urlsafe_b64encode(b'not json').decode()}.{payload}.{signature}"
+        ),
     }
 
 

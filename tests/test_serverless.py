@@ -52,7 +52,7 @@ from flwr_kd.serverless.arraystore import (
     GcsArrayStore,
     GcsStateStore,
 )
-from flwr_kd.serverless.functions import node_id_for
+from flwr_kd.serverless.names import node_id_for
 from flwr_kd.serverless.roundstore import DONE, RUNNING, RoundStore
 
 # the fixtures (emulators, cloud_env, deployment, live_deployment)
@@ -643,9 +643,18 @@ def test_retry_after_an_instance_crashed_mid_call_is_served(live_deployment):
 
 
 RUN_OBJECT = {
-    "message": r"rounds/(?P<r>\d+)/messages/(?P<c>client-\d)/(?P<run>[^/]+)\.r(?P=r)\.(?P=c)\.(query\.architecture|train|train\.fedmd)/(arrays|public|consensus)\.npz",
-    "reply": r"rounds/\d+/clients/client-\d/(query-architecture|train|train-fedmd)/(arrays|logits)\.npz",
-    "aggregator": r"rounds/\d+/aggregators/[A-Za-z0-9_]+/(task-(distill|train)-\d+|student|pretrained)\.npz",
+    "message": (
+        r"rounds/(?P<r>\d+)/messages/(?P<c>client-\d)/(?P<run>[^/]+)\.r(?P=r)\.(?P=c)"
+        r"\.(query\.architecture|train|train\.fedmd)/(arrays|public|consensus)\.npz"
+    ),
+    "reply": (
+        r"rounds/\d+/clients/client-\d/(query-architecture|train|train-fedmd)"
+        r"/(arrays|logits)\.npz"
+    ),
+    "aggregator": (
+        r"rounds/\d+/aggregators/[A-Za-z0-9_]+"
+        r"/(task-(distill|train)-\d+|student|pretrained)\.npz"
+    ),
     "global": r"rounds/\d+/global\.npz",
 }
 

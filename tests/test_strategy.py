@@ -24,7 +24,7 @@ from flwr_kd.fanout import SerialFanOut
 from flwr_kd.models import ModelSpec, create_model, state_to_numpy
 from flwr_kd.records import pack_models, record_to_state, unpack_models
 from flwr_kd.strategy import FedDF, HeteroFedAvg, TooFewReplies
-from flwr_kd.strategy.hetero import fedavg
+from flwr_kd.strategy.fedavg import fedavg
 
 pytestmark = pytest.mark.usefixtures("server_task_identity")
 
@@ -38,7 +38,8 @@ def _spec(num_nodes: int, alpha: float | None = None) -> DataSpec:
 
 
 def _train_config(spec: DataSpec, archs=ARCHS, **extra) -> ConfigRecord:
-    return ConfigRecord({**spec.to_config(), "archs": ",".join(archs), "local-epochs": 1, **extra})
+    settings = {"local-epochs": 1, "batch-size": 32}
+    return ConfigRecord({**spec.to_config(), "archs": ",".join(archs), **settings, **extra})
 
 
 def _initial(spec: ModelSpec, archs=ARCHS) -> dict[str, dict[str, np.ndarray]]:

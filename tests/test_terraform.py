@@ -138,7 +138,7 @@ def _contract_outputs() -> set[str]:
 
 def _code_files() -> list[Path]:
     """The code that runs inside the functions: cloud/main.py and flwr_kd/serverless/."""
-    return [CLOUD_MAIN, *sorted((ROOT / "flwr_kd" / "serverless").glob("*.py"))]
+    return [CLOUD_MAIN, *sorted((ROOT / "flwr_kd" / "serverless").rglob("*.py"))]
 
 
 def _env_vars_in_code(paths) -> set[str]:
@@ -578,7 +578,7 @@ def test_function_sources_hold_cloud_and_flwr_kd(evaluated):
         "main.py",
         "requirements.txt",
         "flwr_kd/__init__.py",
-        "flwr_kd/serverless/functions.py",
+        "flwr_kd/serverless/functions/client.py",
     } <= set(files)
     assert not [f for f in files if "__pycache__" in f]
 

@@ -24,6 +24,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from flwr_kd import protocol
+from flwr_kd.configs import EvaluateConfig, FedMDRoundConfig, MessageHeader, TrainConfig
 from flwr_kd.data import DataSpec, load_federated
 from flwr_kd.distill import digest
 from flwr_kd.models import ModelSpec, create_model, load_numpy_state, state_to_numpy
@@ -78,6 +79,22 @@ def resolve_architecture(context: Context, config: ConfigRecord | None = None) -
     raise ValueError("no architecture: set node config 'arch' or run config 'archs'")
 
 
+def train_private(
+    model, data: ClientData, epochs: int, settings: TrainConfig | FedMDRoundConfig, seed: int
+) -> float:
+    """Train on the node's private training part at the message's batch size and lr (a
+    `train` message, FedMD's revisit); returns the last epoch's mean loss."""
+    return train_supervised(
+        model,
+        data.train_x,
+        data.train_y,
+        epochs=epochs,
+        batch_size=settings.batch_size,
+        lr=settings.lr,
+        seed=seed,
+    )
+
+
 def reply(message: Message, **records) -> Message:
     return Message(RecordDict(records), reply_to=message)
 
@@ -109,29 +126,24 @@ class KDClient:
             },
         )
 
-    def _model(self, message: Message, context: Context, data: ClientData):
-        config = message.content[protocol.CONFIG]
-        arch = resolve_architecture(context, config)
-        if str(config.get("arch", arch)) != arch:
-            raise ValueError(f"server sent a '{config['arch']}' model to a '{arch}' node")
+    def _model(self, message: Message, context: Context, data: ClientData, sent: MessageHeader):
+        """This node's architecture and its model with the received weights (which must be of
+        that architecture, if the message names one)."""
+        arch = resolve_architecture(context, message.content[protocol.CONFIG])
+        if sent.arch and sent.arch != arch:
+            raise ValueError(f"server sent a '{sent.arch}' model to a '{arch}' node")
         model = create_model(arch, data.model_spec)
         load_numpy_state(model, record_to_state(message.content[protocol.ARRAYS]))
         return arch, model
 
     def train(self, message: Message, context: Context) -> Message:
         config = message.content[protocol.CONFIG]
+        settings = TrainConfig.from_config(config)
         data = self.load_data(context, config)
-        arch, model = self._model(message, context, data)
+        arch, model = self._model(message, context, data, settings)
         t0 = time.perf_counter()
-        loss = train_supervised(
-            model,
-            data.train_x,
-            data.train_y,
-            epochs=int(config.get("local-epochs", 1)),
-            batch_size=int(config.get("batch-size", 32)),
-            lr=float(config.get("lr", 1e-3)),
-            seed=int(config.get("server-round", 0)) * 100_000 + node_seed(context),
-        )
+        seed = settings.server_round * 100_000 + node_seed(context)
+        loss = train_private(model, data, settings.local_epochs, settings, seed)
         metrics = {
             "num-examples": len(data.train_x),
             "train-loss": loss,
@@ -144,8 +156,7 @@ class KDClient:
         if protocol.PUBLIC in message.content:
             t1 = time.perf_counter()
             x = message.content[protocol.PUBLIC]["x"].numpy()
-            dtype = np.dtype(str(config.get("logits-dtype", "float16")))
-            logits = predict_logits(model, x).astype(dtype)
+            logits = predict_logits(model, x).astype(np.dtype(settings.logits_dtype))
             records[protocol.LOGITS] = ArrayRecord({"logits": Array(logits)})
             metrics["logits-seconds"] = time.perf_counter() - t1
         records[protocol.METRICS] = MetricRecord(metrics)
@@ -154,7 +165,8 @@ class KDClient:
     def evaluate(self, message: Message, context: Context) -> Message:
         config = message.content[protocol.CONFIG]
         data = self.load_data(context, config)
-        arch, model = self._model(message, context, data)
+        sent = EvaluateConfig.from_config(config)
+        arch, model = self._model(message, context, data, sent)
         loss, acc = evaluate(model, data.holdout_x, data.holdout_y)
         return reply(
             message,
@@ -175,17 +187,18 @@ class KDClient:
         named by `state-uri`, under this node's id.
         """
         config = message.content[protocol.CONFIG]
+        settings = FedMDRoundConfig.from_config(config)
         data = self.load_data(context, config)
         arch = resolve_architecture(context, config)
-        if str(config.get("arch", arch)) != arch:
-            raise ValueError(f"server addressed a '{config['arch']}' node, this node is '{arch}'")
-        store = open_state_store(str(config["state-uri"]))
+        if settings.arch and settings.arch != arch:
+            raise ValueError(f"server addressed a '{settings.arch}' node, this node is '{arch}'")
+        store = open_state_store(settings.state_uri)
         key = f"node-{context.node_id}"
         model = create_model(arch, data.model_spec)
-        seed = int(config.get("server-round", 0)) * 100_000 + node_seed(context)
+        seed = settings.server_round * 100_000 + node_seed(context)
         timings: dict[str, float] = {}
         t = time.perf_counter()
-        if config["phase"] == "init":
+        if settings.phase == "init":
             load_numpy_state(model, record_to_state(message.content[protocol.ARRAYS]))
             train_with_early_stopping(
                 model,
@@ -193,49 +206,32 @@ class KDClient:
                 data.train_y,
                 data.holdout_x,
                 data.holdout_y,
-                max_epochs=int(config.get("finetune-epochs", 20)),
-                patience=int(config.get("finetune-patience", 3)),
-                batch_size=int(config.get("batch-size", 32)),
-                lr=float(config.get("lr", 1e-3)),
+                max_epochs=settings.finetune_epochs,
+                patience=settings.finetune_patience,
                 seed=seed,
+                batch_size=settings.batch_size,
+                lr=settings.lr,
             )
             timings["finetune-seconds"] = time.perf_counter() - t
         else:
             state = store.load(key)
             if state is None:
                 raise ValueError(
-                    f"no saved model for {key} in {config['state-uri']}: run phase 'init' first"
+                    f"no saved model for {key} in {settings.state_uri}: run phase 'init' first"
                 )
             load_numpy_state(model, state)
             consensus = message.content[protocol.CONSENSUS]
-            digest(
-                model,
-                self._public(consensus["indices"].numpy(), data),
-                consensus["logits"].numpy(),
-                loss=str(config.get("digest-loss", "mae")),
-                epochs=int(config.get("digest-epochs", 1)),
-                batch_size=int(config.get("digest-batch-size", 256)),
-                lr=float(config.get("lr", 1e-3)),
-                temperature=float(config.get("temperature", 1.0)),
-                seed=seed,
-            )
+            public = self._public(consensus["indices"].numpy(), data)
+            digest(model, public, consensus["logits"].numpy(), config=settings, seed=seed)
             timings["digest-seconds"] = time.perf_counter() - t
             t = time.perf_counter()
-            train_supervised(
-                model,
-                data.train_x,
-                data.train_y,
-                epochs=int(config.get("revisit-epochs", 2)),
-                batch_size=int(config.get("batch-size", 32)),
-                lr=float(config.get("lr", 1e-3)),
-                seed=seed + 1,
-            )
+            train_private(model, data, settings.revisit_epochs, settings, seed + 1)
             timings["revisit-seconds"] = time.perf_counter() - t
         store.save(key, state_to_numpy(model))
         t = time.perf_counter()
         indices = message.content[protocol.PUBLIC]["indices"].numpy()
-        dtype = np.dtype(str(config.get("logits-dtype", "float16")))
-        logits = predict_logits(model, self._public(indices, data)).astype(dtype)
+        logits = predict_logits(model, self._public(indices, data))
+        logits = logits.astype(np.dtype(settings.logits_dtype))
         timings["logits-seconds"] = time.perf_counter() - t
         metrics = {"num-examples": len(data.train_x), **timings}
         if data.test_x is not None:
@@ -245,7 +241,7 @@ class KDClient:
             **{
                 protocol.LOGITS: ArrayRecord({"logits": Array(logits), "indices": Array(indices)}),
                 protocol.CONFIG: ConfigRecord(
-                    {"arch": arch, "subset-round": int(config["subset-round"])}
+                    {"arch": arch, "subset-round": settings.subset_round}
                 ),
                 protocol.METRICS: MetricRecord(metrics),
             },

@@ -4,7 +4,8 @@ Objects are `.npz` archives (several named arrays) written with `if_generation_m
 retried or repeated write can never replace what is there; each carries its SHA-256 in the
 object metadata, checked on every read (and the client library's CRC32C check on download).
 A FedMD client's own model is the one thing that changes in place; `save_state` replaces it
-only if it is still the generation that was read (optimistic concurrency).
+only if it is still the generation that was read (optimistic concurrency). Importing this
+module registers `gs://` client-state URIs with `flwr_kd.state`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from google.api_core import exceptions as gexc
 from google.cloud import storage
 
 from flwr_kd.records import State
+from flwr_kd.serverless import names
+from flwr_kd.state import register_state_store
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9._\-/]+$")
 
@@ -123,10 +126,20 @@ class GcsStateStore:
         self._generations: dict[str, int] = {}
 
     def load(self, key: str) -> State | None:
-        state, self._generations[key] = self.store.load_state(self.prefix + f"{key}.npz")
+        state, self._generations[key] = self.store.load_state(names.state_object(self.prefix, key))
         return state
 
     def save(self, key: str, state: State) -> None:
         if key not in self._generations:
             self.load(key)
-        self.store.save_state(self.prefix + f"{key}.npz", state, self._generations.pop(key))
+        self.store.save_state(
+            names.state_object(self.prefix, key), state, self._generations.pop(key)
+        )
+
+
+def open_gcs_state_store(parsed) -> GcsStateStore:
+    """`gs://<bucket>/<prefix>` state URIs (registered with `flwr_kd.state` on import)."""
+    return GcsStateStore(GcsArrayStore(parsed.netloc), parsed.path.lstrip("/"))
+
+
+register_state_store("gs", open_gcs_state_store)

@@ -9,8 +9,8 @@ were not left out (a retried call counted once).
 from __future__ import annotations
 
 from flwr_kd import protocol
+from flwr_kd.serverless import names
 from flwr_kd.serverless.arraystore import ArrayStoreError, GcsArrayStore
-from flwr_kd.serverless.functions import node_id_for
 from flwr_kd.serverless.roundstore import DONE, RUNNING, RoundStore
 
 TRAINING = (protocol.TRAIN, protocol.FEDMD_ROUND)
@@ -30,7 +30,7 @@ def audit_run(run_id: str, rounds: RoundStore, store: GcsArrayStore) -> list[str
             problems.append(f"round {r}: status {doc and doc.get('status')!r}, not done")
             continue
         try:
-            store.get(f"runs/{run_id}/rounds/{r}/global.npz")
+            store.get(names.global_object(run_id, r))
         except ArrayStoreError as exc:
             problems.append(f"round {r}: global models unreadable: {exc}")
         calls = {d["id"]: d for d in rounds.invocations(run_id, r)}
@@ -39,16 +39,17 @@ def audit_run(run_id: str, rounds: RoundStore, store: GcsArrayStore) -> list[str
             for c, d in calls.items()
             if d.get("status") == RUNNING
         ]
-        by_node = {
-            (node_id_for(c.split(":")[0]), c.split(":", 1)[1]): d
-            for c, d in calls.items()
-            if not c.startswith("aggregator:")
-        }
+        by_node = {}  # (node id, message type) -> a client call's document
+        for c, d in calls.items():
+            if not names.is_aggregator_call(c):
+                client_id, kind = names.split_client_call(c)
+                by_node[(names.node_id_for(client_id), kind)] = d
         for entry in doc.get("dropped", []):
             call = by_node.get((entry["node"], entry.get("type")))
             if call is None or call.get("dropped") != entry["reason"]:
                 problems.append(
-                    f"round {r}: left-out reply of node {entry['node']} has no verdict in its invocation document"
+                    f"round {r}: left-out reply of node {entry['node']} has no verdict "
+                    "in its invocation document"
                 )
         accepted = sum(
             1
@@ -57,6 +58,7 @@ def audit_run(run_id: str, rounds: RoundStore, store: GcsArrayStore) -> list[str
         )
         if accepted != doc.get("replies"):
             problems.append(
-                f"round {r}: {doc.get('replies')} replies recorded, {accepted} calls done and accepted"
+                f"round {r}: {doc.get('replies')} replies recorded, "
+                f"{accepted} calls done and accepted"
             )
     return problems

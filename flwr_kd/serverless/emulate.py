@@ -1,10 +1,10 @@
 """`flwr-kd cloud emulate`: the whole serverless stack on this machine, against real emulators.
 
 Starts fake-gcs-server and the Firestore emulator (unless `STORAGE_EMULATOR_HOST` and
-`FIRESTORE_EMULATOR_HOST` name running ones, which are then used and left with their data),
-one functions-framework process per client and per architecture's aggregator (restarted when
-it dies, as the platform replaces a crashed instance), runs the driver, and stops everything it
-started.
+`FIRESTORE_EMULATOR_HOST` name running ones, which are then used and left with their data;
+see `emulators.start_emulators`), one functions-framework process per client and per
+architecture's aggregator (restarted when it dies, as the platform replaces a crashed
+instance), runs the driver, and stops everything it started.
 """
 
 from __future__ import annotations
@@ -16,48 +16,25 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Self
 
 from flwr_kd.experiment import ExperimentConfig
-from flwr_kd.serverless.emulators import FirestoreEmulator, FunctionProcess, StorageEmulator
+from flwr_kd.serverless import names
+from flwr_kd.serverless.deployment import Deployment
+from flwr_kd.serverless.driver import drive
+from flwr_kd.serverless.emulators import DEFAULT_PROJECT, FunctionProcess, start_emulators
 from flwr_kd.serverless.grid import ClientEndpoint, GridOptions
 
 CLOUD_SOURCE = Path(__file__).resolve().parents[2] / "cloud" / "main.py"
-DEFAULT_PROJECT = "demo-flwr-kd"
-
-
-def set_env_until_close(stack: ExitStack, key: str, value: str) -> None:
-    """Set os.environ[key] (what the Google clients and child processes read) until `stack`
-    closes, then put back what was there."""
-    before = os.environ.get(key)
-    os.environ[key] = value
-    stack.callback(
-        lambda: os.environ.pop(key, None) if before is None else os.environ.__setitem__(key, before)
-    )
-
-
-def start_emulators(stack: ExitStack, project: str, log_dir: Path, reuse: bool = True) -> list[str]:
-    """Start fake-gcs-server and the Firestore emulator (with `reuse`, only those the
-    environment does not already name) and point this process's environment at them, until
-    `stack` closes and stops them. Returns a line on each one started."""
-    started = []
-    if not (reuse and os.environ.get("STORAGE_EMULATOR_HOST")):
-        storage = StorageEmulator(log_dir)
-        stack.callback(storage.stop)
-        set_env_until_close(stack, "STORAGE_EMULATOR_HOST", storage.url)
-        started.append(f"fake-gcs-server at {storage.url} (pid {storage.proc.pid})")
-    if not (reuse and os.environ.get("FIRESTORE_EMULATOR_HOST")):
-        firestore = FirestoreEmulator(project, log_dir)
-        stack.callback(firestore.stop)
-        set_env_until_close(stack, "FIRESTORE_EMULATOR_HOST", firestore.host)
-        started.append(f"Firestore emulator at {firestore.host} (pid {firestore.proc.pid})")
-    return started
+#: The arrays bucket of the emulated stack.
+DEFAULT_BUCKET = "flwr-kd-arrays"
 
 
 class EmulatedStack:
     """Emulators and function processes for one experiment config; a context manager."""
 
     def __init__(
-        self, cfg: ExperimentConfig, bucket: str = "flwr-kd-arrays", log_dir: Path | None = None
+        self, cfg: ExperimentConfig, bucket: str = DEFAULT_BUCKET, log_dir: Path | None = None
     ) -> None:
         self.cfg, self.bucket = cfg, bucket
         self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix="flwr-kd-emulate-"))
@@ -66,7 +43,7 @@ class EmulatedStack:
         self.clients: dict[str, FunctionProcess] = {}
         self.aggregators: dict[str, FunctionProcess] = {}
 
-    def __enter__(self) -> EmulatedStack:
+    def __enter__(self) -> Self:
         try:
             self._start()
         except BaseException:
@@ -104,7 +81,7 @@ class EmulatedStack:
                 **base_env,
                 "FLWR_KD_CLIENT_ID": cid,
                 "FLWR_KD_ARCH": arch,
-                "FLWR_KD_DATA_PREFIX": f"clients/{cid}/data/",
+                "FLWR_KD_DATA_PREFIX": names.client_data_prefix(cid),
                 "FLWR_KD_ONE_INSTANCE": "1",
             }
             procs.append(("client", cid, arch, env))
@@ -131,9 +108,7 @@ class EmulatedStack:
             f"{len(self.clients)} client and {len(self.aggregators)} aggregator functions"
         )
 
-    def deployment(self):
-        from flwr_kd.serverless.driver import Deployment
-
+    def deployment(self) -> Deployment:
         return Deployment(
             bucket=self.bucket,
             clients=[
@@ -144,46 +119,24 @@ class EmulatedStack:
         )
 
 
-def serve_emulators(project: str = DEFAULT_PROJECT) -> None:
-    """`flwr-kd cloud emulators`: fake-gcs-server and the Firestore emulator until Ctrl-C, with
-    the environment to point `cloud emulate` (or anything else) at them."""
-    import signal
-    import threading
-
-    log_dir = Path(tempfile.mkdtemp(prefix="flwr-kd-emulators-"))
-    with ExitStack() as stack:
-        start_emulators(stack, project, log_dir, reuse=False)
-        print(
-            f"export STORAGE_EMULATOR_HOST={os.environ['STORAGE_EMULATOR_HOST']} "
-            f"FIRESTORE_EMULATOR_HOST={os.environ['FIRESTORE_EMULATOR_HOST']} "
-            f"GOOGLE_CLOUD_PROJECT={project}\n# logs: {log_dir}; Ctrl-C stops both",
-            flush=True,
-        )
-        stop = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        try:
-            stop.wait()
-        except KeyboardInterrupt:
-            pass
-
-
 def emulate(
     cfg: ExperimentConfig,
     run_id: str | None = None,
     resume: bool = False,
     options: GridOptions | None = None,
 ) -> dict:
-    from flwr_kd.serverless.driver import drive
-
+    """`drive` on a stack started for this run, then where to find what it left behind."""
     run_id = run_id or f"run-{uuid.uuid4().hex[:8]}"
     with EmulatedStack(cfg) as stack:
         for line in stack.started:
             print(f"started {line}", file=sys.stderr)
         result = drive(cfg, stack.deployment(), run_id, resume=resume, options=options)
+        replies = names.client_replies_prefix(run_id, "<r>", "<client>")
+        invocations = names.invocations_collection(run_id, "<r>")
         print(
-            f"\nlogits and weights: gs://{stack.bucket}/runs/{run_id}/rounds/<r>/clients/<client>/ "
+            f"\nlogits and weights: gs://{stack.bucket}/{replies} "
             f"(STORAGE_EMULATOR_HOST={os.environ['STORAGE_EMULATOR_HOST']})\n"
-            f"round records: Firestore runs/{run_id}/rounds/<r> and .../invocations "
+            f"round records: Firestore {names.round_document(run_id, '<r>')} and {invocations} "
             f"(FIRESTORE_EMULATOR_HOST={os.environ['FIRESTORE_EMULATOR_HOST']})\n"
             f"function logs: {stack.log_dir}",
             file=sys.stderr,

@@ -1,5 +1,7 @@
 """Real local stand-ins for Google Cloud: fake-gcs-server, the Firestore emulator and
-functions-framework processes, each on a 127.0.0.1 port chosen here, each stopped by its PID."""
+functions-framework processes, each on a 127.0.0.1 port chosen here, each stopped by its PID;
+and `start_emulators`, which points this process's environment at the two emulators
+(`flwr-kd cloud emulators`, `cloud emulate`, the soak benchmark)."""
 
 from __future__ import annotations
 
@@ -8,12 +10,15 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
+from contextlib import ExitStack
 from pathlib import Path
 
+DEFAULT_PROJECT = "demo-flwr-kd"
 FIRESTORE_JAR = (
     "/usr/lib/google-cloud-sdk/platform/cloud-firestore-emulator/cloud-firestore-emulator.jar"
 )
@@ -50,7 +55,8 @@ class ManagedProcess:
         self, args: list[str], env: dict | None = None, log_path: Path | None = None
     ) -> None:
         self.args = args
-        self.log = open(log_path, "ab") if log_path else subprocess.DEVNULL
+        # open while the child runs; stop() closes it
+        self.log = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
         self.process = subprocess.Popen(
             args, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
         )
@@ -212,3 +218,51 @@ class FunctionProcess:
             self.proc.stop(
                 sig=signal.SIGKILL
             )  # a function keeps nothing to flush; gunicorn's own shutdown takes ~3 s
+
+
+def set_env_until_close(stack: ExitStack, key: str, value: str) -> None:
+    """Set os.environ[key] (what the Google clients and child processes read) until `stack`
+    closes, then put back what was there."""
+    before = os.environ.get(key)
+    os.environ[key] = value
+    stack.callback(
+        lambda: os.environ.pop(key, None) if before is None else os.environ.__setitem__(key, before)
+    )
+
+
+def start_emulators(stack: ExitStack, project: str, log_dir: Path, reuse: bool = True) -> list[str]:
+    """Start fake-gcs-server and the Firestore emulator (with `reuse`, only those the
+    environment does not already name) and point this process's environment at them, until
+    `stack` closes and stops them. Returns a line on each one started."""
+    started = []
+    if not (reuse and os.environ.get("STORAGE_EMULATOR_HOST")):
+        storage = StorageEmulator(log_dir)
+        stack.callback(storage.stop)
+        set_env_until_close(stack, "STORAGE_EMULATOR_HOST", storage.url)
+        started.append(f"fake-gcs-server at {storage.url} (pid {storage.proc.pid})")
+    if not (reuse and os.environ.get("FIRESTORE_EMULATOR_HOST")):
+        firestore = FirestoreEmulator(project, log_dir)
+        stack.callback(firestore.stop)
+        set_env_until_close(stack, "FIRESTORE_EMULATOR_HOST", firestore.host)
+        started.append(f"Firestore emulator at {firestore.host} (pid {firestore.proc.pid})")
+    return started
+
+
+def serve_emulators(project: str = DEFAULT_PROJECT) -> None:
+    """`flwr-kd cloud emulators`: fake-gcs-server and the Firestore emulator until Ctrl-C, with
+    the environment to point `cloud emulate` (or anything else) at them."""
+    log_dir = Path(tempfile.mkdtemp(prefix="flwr-kd-emulators-"))
+    with ExitStack() as stack:
+        start_emulators(stack, project, log_dir, reuse=False)
+        print(
+            f"export STORAGE_EMULATOR_HOST={os.environ['STORAGE_EMULATOR_HOST']} "
+            f"FIRESTORE_EMULATOR_HOST={os.environ['FIRESTORE_EMULATOR_HOST']} "
+            f"GOOGLE_CLOUD_PROJECT={project}\n# logs: {log_dir}; Ctrl-C stops both",
+            flush=True,
+        )
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        try:
+            stop.wait()
+        except KeyboardInterrupt:
+            pass

@@ -25,9 +25,8 @@ from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
 from flwr_kd import protocol
-from flwr_kd.serverless import wire
+from flwr_kd.serverless import names, wire
 from flwr_kd.serverless.arraystore import GcsArrayStore
-from flwr_kd.serverless.functions import node_id_for
 
 RETRY_STATUSES = (409, 429, 500, 502, 503, 504)
 
@@ -96,7 +95,9 @@ class CloudFunctionGrid(Grid):
     ) -> None:
         self.options = options or GridOptions()
         self.store, self.run_id = store, run_id
-        self.endpoints = {node_id_for(e.client_id): e for e in endpoints}
+        #: The latest round a message went out for (the fan-out's tasks belong to it).
+        self.current_round = 0
+        self.endpoints = {names.node_id_for(e.client_id): e for e in endpoints}
         self._run = Run.create_empty(run_id=0)
         self._pool = ThreadPoolExecutor(
             max_workers=self.options.max_concurrency, thread_name_prefix="flwr-kd-call"
@@ -140,7 +141,10 @@ class CloudFunctionGrid(Grid):
             if endpoint is None:
                 raise ValueError(f"no client function for node {msg.metadata.dst_node_id}")
             server_round = round_of(msg)
-            mid = f"{self.run_id}.r{server_round}.{endpoint.client_id}.{msg.metadata.message_type}"
+            self.current_round = max(self.current_round, server_round)
+            mid = names.message_id(
+                self.run_id, server_round, endpoint.client_id, msg.metadata.message_type
+            )
             msg.metadata.__dict__["_message_id"] = mid
             self._futures[mid] = self._pool.submit(self._call, msg, endpoint, server_round)
             ids.append(mid)
@@ -173,7 +177,9 @@ class CloudFunctionGrid(Grid):
 
     def _call(self, msg: Message, endpoint: ClientEndpoint, server_round: int) -> Message:
         t0 = time.perf_counter()
-        prefix = f"runs/{self.run_id}/rounds/{server_round}/messages/{endpoint.client_id}/{msg.metadata.message_id}"
+        prefix = names.message_prefix(
+            self.run_id, server_round, endpoint.client_id, msg.metadata.message_id
+        )
         body, written = wire.encode(
             msg,
             run=self.run_id,

@@ -1,10 +1,13 @@
 """Run, round and invocation records on Firestore: enough to watch a run and to resume it.
 
-`runs/{run}` holds the config and the strategy state after each finished round;
-`runs/{run}/rounds/{r}` the round's status, timings and metrics; `.../invocations/{call}` one
-document per function call, written by the function itself (create-only: a retried call finds
-its document and never counts twice). Counters use server-side transforms, not transactions
-(the emulator is slow under contended transactions).
+A run's document holds the config and the strategy state after each finished round; a round's
+document its status, timings and metrics; an invocation's document one function call, written
+by the function itself (create-only: a retried call finds its document and never counts
+twice). The paths are `names`'s (docs/serverless.md). Counters use server-side transforms, not
+transactions (the emulator is slow under contended transactions).
+
+An invocation's `events` are maps, so that readers never parse text: `fault_event`,
+`took_over_event` and `left_out_event` build them.
 """
 
 from __future__ import annotations
@@ -12,7 +15,26 @@ from __future__ import annotations
 from google.api_core import exceptions as gexc
 from google.cloud import firestore
 
+from flwr_kd.serverless import names
+
 RUNNING, DONE, FAILED = "running", "done", "failed"
+#: `event` values of an invocation's events.
+FAULT, TOOK_OVER, LEFT_OUT = "fault", "took-over", "left-out"
+
+
+def fault_event(attempt: int, fault: str) -> dict:
+    """The function injected `fault` into this attempt of the call."""
+    return {"attempt": attempt, "event": FAULT, "fault": fault}
+
+
+def took_over_event(attempt: int) -> dict:
+    """This attempt took over an earlier one that never finished (its instance died)."""
+    return {"attempt": attempt, "event": TOOK_OVER}
+
+
+def left_out_event(reason: str) -> dict:
+    """The driver left the call's reply out of its round, for `reason`."""
+    return {"event": LEFT_OUT, "reason": reason}
 
 
 class RoundStore:
@@ -22,13 +44,13 @@ class RoundStore:
     # -- documents ------------------------------------------------------------------------
 
     def run_ref(self, run: str):
-        return self.db.collection("runs").document(run)
+        return self.db.document(names.run_document(run))
 
     def round_ref(self, run: str, server_round: int):
-        return self.run_ref(run).collection("rounds").document(str(server_round))
+        return self.db.document(names.round_document(run, server_round))
 
     def invocation_ref(self, run: str, server_round: int, call: str):
-        return self.round_ref(run, server_round).collection("invocations").document(call)
+        return self.db.document(names.invocation_document(run, server_round, call))
 
     # -- runs -----------------------------------------------------------------------------
 
@@ -94,13 +116,13 @@ class RoundStore:
         )
 
     def rounds(self, run: str) -> list[dict]:
-        docs = self.run_ref(run).collection("rounds").order_by("round").stream()
+        docs = self.db.collection(names.rounds_collection(run)).order_by("round").stream()
         return [d.to_dict() for d in docs]
 
     def invocations(self, run: str, server_round: int) -> list[dict]:
         return [
             d.to_dict() | {"id": d.id}
-            for d in self.round_ref(run, server_round).collection("invocations").stream()
+            for d in self.db.collection(names.invocations_collection(run, server_round)).stream()
         ]
 
     # -- invocations (written by the functions) --------------------------------------------
@@ -130,8 +152,9 @@ class RoundStore:
             {"status": RUNNING, "started": firestore.SERVER_TIMESTAMP}
         )
 
-    def note_invocation(self, run: str, server_round: int, call: str, event: str) -> None:
-        """Append `event` to the call's `events` (created if the call never reached a function)."""
+    def note_invocation(self, run: str, server_round: int, call: str, event: dict) -> None:
+        """Append `event` (see `fault_event` etc.) to the call's `events` (the document is
+        created if the call never reached a function)."""
         self.invocation_ref(run, server_round, call).set(
             {"events": firestore.ArrayUnion([event])}, merge=True
         )
@@ -146,7 +169,7 @@ class RoundStore:
         ref.set(
             {
                 "dropped": reason,
-                "events": firestore.ArrayUnion([f"driver: reply left out: {reason}"]),
+                "events": firestore.ArrayUnion([left_out_event(reason)]),
                 **(
                     {"status": FAILED, "error": f"the driver gave up on this call: {reason}"}
                     if still_running

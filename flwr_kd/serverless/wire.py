@@ -19,6 +19,7 @@ from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.proto.message_pb2 import Message as ProtoMessage
 
 from flwr_kd.records import record_to_state, state_to_record
+from flwr_kd.serverless import names
 from flwr_kd.serverless.arraystore import AlreadyExists, GcsArrayStore
 
 VERSION = 1
@@ -40,8 +41,8 @@ def encode(
     always_store: tuple[str, ...] = (),
 ) -> tuple[dict, int]:
     """(envelope, bytes written to Cloud Storage) for `msg`; array records above
-    `offload_bytes`, or named in `always_store`, go to `<prefix>/<record>.npz` (create-only; an
-    identical retry reuses the object)."""
+    `offload_bytes`, or named in `always_store`, go to `names.record_object(prefix, record)`
+    (create-only; an identical retry reuses the object)."""
     objects: dict[str, str] = {}
     written = 0
     if msg.has_content():
@@ -50,7 +51,7 @@ def encode(
             if isinstance(record, ArrayRecord) and (
                 record.count_bytes() > offload_bytes or name in always_store
             ):
-                obj = f"{prefix}/{name}.npz"
+                obj = names.record_object(prefix, name)
                 try:
                     written += store.put(obj, record_to_state(record))
                 except AlreadyExists:

@@ -18,11 +18,14 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.common.logger import log
 
 from flwr_kd import protocol
-from flwr_kd.distill import DistillConfig, average_logits
-from flwr_kd.fanout import FanOut, ProcessFanOut
+from flwr_kd.configs import DistillConfig, TrainConfig
+from flwr_kd.distill import average_logits
+from flwr_kd.fanout import FanOut
 from flwr_kd.models import ModelSpec
 from flwr_kd.records import State
-from flwr_kd.strategy.hetero import LOGITS_DTYPES, ClientReply, HeteroFedAvg, logits_problem
+from flwr_kd.strategy.base import check_choice, public_subset
+from flwr_kd.strategy.fedavg import HeteroFedAvg
+from flwr_kd.strategy.replies import LOGITS_DTYPES, ClientReply, logits_problem
 from flwr_kd.tasks import DistillTask, run_distill_task
 
 TEACHERS = ("clients", "server")
@@ -33,16 +36,31 @@ class FedDF(HeteroFedAvg):
 
     Parameters
     ----------
-    public_x : unlabelled public inputs (N, C, H, W) float32 to distil on.
-    val_x, val_y : small labelled server set for early stopping of distillation.
-    model_spec : classes, channels and image size of the models.
-    distill_config : steps, batch size, learning rate, temperature, early stopping.
-    subset_size : public samples drawn per round (default: all).
-    teacher : "clients" (logits computed by clients) or "server" (seed system's way).
-    logits_dtype : "float16" (default) or "float32" on the wire.
-    fanout : executor for the per-architecture tasks (default: a process pool, closed when
-        `start()` returns).
-    Other keyword arguments go to `HeteroFedAvg`.
+    public_x : np.ndarray
+        Unlabelled public inputs (N, C, H, W), float32, to distil on; must not be empty.
+    val_x : np.ndarray
+        Small labelled server set (inputs) for early stopping of distillation.
+    val_y : np.ndarray
+        Its labels.
+    model_spec : ModelSpec
+        Classes, channels and image size of the models.
+    distill_config : DistillConfig, optional (default: None)
+        Steps, batch size, learning rate, temperature and early stopping of distillation;
+        None means `DistillConfig()`.
+    subset_size : int, optional (default: None)
+        Public samples drawn per round; None means all of `public_x`.
+    teacher : str (default: "clients")
+        "clients": clients send logits on the round's subset with their weights;
+        "server": every distillation task re-evaluates all client models (the seed system).
+    logits_dtype : str (default: "float16")
+        Dtype of the clients' logits on the wire: "float16" or "float32".
+    fanout : FanOut, optional (default: None)
+        Executor of the per-architecture distillation tasks; None means a process pool that
+        this strategy creates and `close()` shuts down when `start()` returns.
+    **kwargs
+        `HeteroFedAvg`'s parameters: `fraction_train`, `min_train_nodes`,
+        `fraction_evaluate`, `min_evaluate_nodes`, `min_available_nodes`, `min_replies`,
+        `seed`.
     """
 
     def __init__(
@@ -55,15 +73,13 @@ class FedDF(HeteroFedAvg):
         distill_config: DistillConfig | None = None,
         subset_size: int | None = None,
         teacher: str = "clients",
-        logits_dtype: str = "float16",
+        logits_dtype: str = TrainConfig.logits_dtype,
         fanout: FanOut | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
-        if teacher not in TEACHERS:
-            raise ValueError(f"teacher must be one of {TEACHERS}, got '{teacher}'")
-        if logits_dtype not in LOGITS_DTYPES:
-            raise ValueError(f"logits_dtype must be one of {LOGITS_DTYPES}, got '{logits_dtype}'")
+        check_choice("teacher", teacher, TEACHERS)
+        check_choice("logits_dtype", logits_dtype, LOGITS_DTYPES)
         if len(public_x) == 0:
             raise ValueError("FedDF needs public data to distil on")
         self.public_x = np.asarray(public_x, np.float32)
@@ -73,21 +89,11 @@ class FedDF(HeteroFedAvg):
         self.subset_size = min(subset_size or len(public_x), len(public_x))
         self.teacher = teacher
         self.logits_dtype = logits_dtype
-        self._owns_fanout = fanout is None
-        self.fanout = fanout or ProcessFanOut()
+        self.use_fanout(fanout)
         self._subset = self.public_x[:0]
 
-    def start(self, *args, **kwargs):
-        """Flower's `Strategy.start`, closing the fan-out workers this strategy created."""
-        try:
-            return super().start(*args, **kwargs)
-        finally:
-            if self._owns_fanout:
-                self.fanout.close()
-
     def round_payload(self, server_round: int, config: ConfigRecord) -> dict[str, ArrayRecord]:
-        rng = np.random.default_rng((self.seed, server_round))
-        idx = np.sort(rng.choice(len(self.public_x), self.subset_size, replace=False))
+        idx = public_subset(len(self.public_x), self.subset_size, self.seed, server_round)
         self._subset = self.public_x[idx]
         if self.teacher == "server":
             return {}

@@ -4,7 +4,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from flwr_kd.experiment import ExperimentConfig
-from flwr_kd.server_app import run_experiment
+from flwr_kd.runner import run_experiment
 
 app = ServerApp()
 

@@ -1,11 +1,14 @@
-"""Finding a deployment with the Cloud Functions API (`google-cloud-functions`), and checking
-before round 1 that every function is ACTIVE.
+"""Where a deployment's functions and bucket are: from `terraform output -json`, or found with
+the Cloud Functions API (`google-cloud-functions`); and the check before round 1 that every
+function is ACTIVE.
 
 Functions are recognised by the names terraform/ gives them (`<prefix>-client-<id>`,
 `<prefix>-agg-<arch>`) and described by the environment they run with (docs/serverless.md).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from flwr_kd.serverless.grid import ClientEndpoint
 
@@ -14,10 +17,46 @@ class DeploymentError(RuntimeError):
     """The deployment is incomplete or not ready; the message says which function and why."""
 
 
+@dataclass
+class Deployment:
+    """Where the functions and buckets of one deployment are."""
+
+    bucket: str
+    clients: list[ClientEndpoint]
+    aggregators: dict[str, str]  # architecture -> URL
+    firestore_database: str = "(default)"
+
+    @classmethod
+    def from_terraform_outputs(cls, outputs: dict) -> Deployment:
+        """From `terraform output -json` (values under "value", as Terraform writes them)."""
+
+        def value(name):
+            if name not in outputs:
+                raise ValueError(
+                    f"terraform outputs lack '{name}'; run terraform apply in terraform/ first"
+                )
+            entry = outputs[name]
+            return entry["value"] if isinstance(entry, dict) and "value" in entry else entry
+
+        urls, archs = value("client_function_urls"), value("client_architectures")
+        return cls(
+            bucket=value("arrays_bucket"),
+            clients=[ClientEndpoint(cid, urls[cid], archs[cid]) for cid in sorted(urls)],
+            aggregators=dict(value("aggregator_function_urls")),
+            firestore_database=outputs.get("firestore_database", {}).get("value", "(default)")
+            if isinstance(outputs.get("firestore_database"), dict)
+            else "(default)",
+        )
+
+    def function_urls(self) -> list[str]:
+        """Every client and aggregator function of the deployment."""
+        return [c.url for c in self.clients] + list(self.aggregators.values())
+
+
 def _client(client):
     if client is not None:
         return client
-    from google.cloud import functions_v2
+    from google.cloud import functions_v2  # only `cloud run` without --outputs needs it
 
     return functions_v2.FunctionServiceClient()
 
@@ -35,10 +74,8 @@ def _state(fn) -> str:
     return getattr(state, "name", str(state))
 
 
-def discover(project: str, region: str, prefix: str, client=None):
+def discover(project: str, region: str, prefix: str, client=None) -> Deployment:
     """A `Deployment` from the functions named `<prefix>-client-*` and `<prefix>-agg-*`."""
-    from flwr_kd.serverless.driver import Deployment
-
     clients, aggregators, buckets = [], {}, set()
     for fn in _functions(project, region, client):
         name, env = _short(fn), dict(fn.service_config.environment_variables)
@@ -53,7 +90,8 @@ def discover(project: str, region: str, prefix: str, client=None):
         buckets.add(env.get("FLWR_KD_BUCKET"))
     if not clients or not aggregators:
         raise DeploymentError(
-            f"no '{prefix}-client-*' or '{prefix}-agg-*' functions in projects/{project}/locations/{region}; "
+            f"no '{prefix}-client-*' or '{prefix}-agg-*' functions in "
+            f"projects/{project}/locations/{region}; "
             "check --project, --region and --name-prefix, or run terraform apply"
         )
     if len(buckets) != 1:

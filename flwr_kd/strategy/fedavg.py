@@ -12,64 +12,25 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
 
 from flwr_kd import protocol
+from flwr_kd.configs import EvaluateConfig, MessageHeader
 from flwr_kd.records import State, pack_models, record_to_state, state_to_record, unpack_models
+from flwr_kd.strategy.base import KDStrategy, check_min_replies
 from flwr_kd.strategy.nodes import ArchitectureRegistry, count_by_value
-
-
-class TooFewReplies(RuntimeError):
-    """A round got fewer valid replies than the strategy's `min_replies`: it cannot complete.
-    (The serverless driver records the round as failed; `--resume` runs it again.)"""
-
-    def __init__(self, message: str, dropped: list[dict] | None = None) -> None:
-        super().__init__(message)
-        self.dropped = dropped or []
-        self.run_id: str | None = None  # the serverless run to resume, set by its driver
-
-
-@dataclass
-class ClientReply:
-    """A validated training reply."""
-
-    node_id: int
-    arch: str
-    state: State
-    num_examples: int
-    train_loss: float
-    compute_seconds: float = 0.0  # the client's own training and logits time
-    logits: np.ndarray | None = None
-
-
-@dataclass
-class RoundStats:
-    """What a round cost: bytes each way, dropped replies, and where the time went."""
-
-    bytes_down: int = 0
-    bytes_up: int = 0
-    replies: int = 0
-    dropped: list[dict] = field(default_factory=list)
-    seconds: dict[str, float] = field(default_factory=dict)
-    distill: dict[str, dict] = field(default_factory=dict)
-    client_compute: list[float] = field(default_factory=list)  # seconds, one per valid reply
-
-    def to_dict(self) -> dict:
-        return {
-            "bytes": {"down": self.bytes_down, "up": self.bytes_up},
-            "replies": self.replies,
-            "dropped": self.dropped,
-            "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
-            "distill": self.distill,
-            "client_compute": [round(c, 3) for c in self.client_compute],
-        }
+from flwr_kd.strategy.replies import (
+    ClientReply,
+    RoundStats,
+    payload_bytes,
+    require_replies,
+    screen_replies,
+)
 
 
 def fedavg(states: list[State], weights: list[float]) -> State:
@@ -84,58 +45,34 @@ def fedavg(states: list[State], weights: list[float]) -> State:
     return out
 
 
-LOGITS_DTYPES = ("float16", "float32")
-
-
-def logits_problem(logits: np.ndarray, expected_shape: tuple[int, int]) -> str | None:
-    """Why these logits cannot join a teacher or consensus, or None if they can."""
-    if logits.shape != expected_shape:
-        return f"logits have shape {logits.shape}, expected {expected_shape}"
-    if logits.dtype.name not in LOGITS_DTYPES:
-        return f"logits have dtype {logits.dtype}, expected one of {LOGITS_DTYPES}"
-    if not np.isfinite(logits).all():
-        return "logits have non-finite values"
-    return None
-
-
-def screen_replies(
-    server_round,
-    replies,
-    check,
-    stats: RoundStats,
-    template="round %d: dropped reply of node %s: %s",
-) -> list:
-    """The parsed replies that `check` accepts; each other one is logged (node and reason) and
-    recorded in `stats.dropped`. Counts the bytes received and the valid replies."""
-    valid = []
-    for msg in replies:
-        if not msg.has_error():
-            stats.bytes_up += payload_bytes(msg.content)
-        parsed = check(msg)
-        if isinstance(parsed, str):
-            node = msg.metadata.src_node_id
-            log(WARNING, template, server_round, node, parsed)
-            stats.dropped.append(
-                {"node": node, "type": msg.metadata.message_type, "reason": parsed}
-            )
-        else:
-            valid.append(parsed)
-    stats.replies = len(valid)
-    return valid
-
-
-def payload_bytes(content: RecordDict) -> int:
-    return sum(record.count_bytes() for record in content.array_records.values())
-
-
-class HeteroFedAvg(Strategy):
+class HeteroFedAvg(KDStrategy):
     """FedAvg per architecture group, for clients of several timm architectures.
 
     A round goes on with the valid replies it got, as long as there are `min_replies` of them
     (else `TooFewReplies`); an architecture group without a valid reply keeps its model.
 
     The global `ArrayRecord` holds every architecture's model, keyed `"<arch>/<param>"`
-    (see `flwr_kd.records`), so `start()` keeps Flower's signature and `Result`.
+    (see `flwr_kd.records`), so `start()` keeps Flower's signature and `Result`. Client
+    training settings travel in `train_config` (see `flwr_kd.configs.TrainConfig`).
+
+    Parameters
+    ----------
+    fraction_train : float (default: 1.0)
+        Fraction of the connected nodes, of architectures with a global model, sampled for
+        training each round; must lie in (0, 1].
+    min_train_nodes : int (default: 2)
+        Nodes sampled for training at least (as many as there are, if fewer).
+    fraction_evaluate : float (default: 0.0)
+        Fraction of the nodes sampled for federated evaluation on their held-out data each
+        round; 0.0 skips federated evaluation.
+    min_evaluate_nodes : int (default: 2)
+        Nodes sampled for evaluation at least, when `fraction_evaluate` is above 0.
+    min_available_nodes : int (default: 2)
+        Connected nodes to wait for before a round samples any.
+    min_replies : int (default: 1)
+        Valid training replies a round needs, else it raises `TooFewReplies`; at least 1.
+    seed : int (default: 0)
+        Seeds node sampling (and, in subclasses, public subsets and distillation).
     """
 
     def __init__(
@@ -151,8 +88,7 @@ class HeteroFedAvg(Strategy):
     ) -> None:
         if not 0.0 < fraction_train <= 1.0:
             raise ValueError(f"fraction_train must lie in (0, 1], got {fraction_train}")
-        if min_replies < 1:
-            raise ValueError(f"min_replies must be at least 1, got {min_replies}")
+        check_min_replies(min_replies)
         self.min_replies = min_replies
         self.fraction_train = fraction_train
         self.min_train_nodes = min_train_nodes
@@ -190,6 +126,26 @@ class HeteroFedAvg(Strategy):
         chosen = random.Random(self.seed * 100003 + round_).sample(eligible, size)
         return {n: archs[n] for n in sorted(chosen)}
 
+    def _message(
+        self,
+        node: int,
+        header: MessageHeader,
+        model: ArrayRecord,
+        config: ConfigRecord,
+        message_type: str,
+        extra: dict[str, ArrayRecord] | None = None,
+    ) -> Message:
+        """The global model of `header.arch` and the round's config with `header` (plus
+        `extra` records) for `node`."""
+        content = RecordDict(
+            {
+                protocol.ARRAYS: model,
+                protocol.CONFIG: ConfigRecord({**dict(config), **header.to_config()}),
+                **(extra or {}),
+            }
+        )
+        return Message(content, dst_node_id=node, message_type=message_type)
+
     # -- training --------------------------------------------------------------------------
 
     def round_payload(self, server_round: int, config: ConfigRecord) -> dict[str, ArrayRecord]:
@@ -203,20 +159,15 @@ class HeteroFedAvg(Strategy):
         stats = self.stats.setdefault(server_round, RoundStats())
         t0 = time.perf_counter()
         nodes = self._sample(grid, config, self.fraction_train, self.min_train_nodes, server_round)
-        config["server-round"] = server_round
+        config["server-round"] = server_round  # describe messages of later rounds carry it too
         payload = self.round_payload(server_round, config)
         model_records = {arch: state_to_record(s) for arch, s in self._global.items()}
         messages = []
         for node, arch in nodes.items():
-            content = RecordDict(
-                {
-                    protocol.ARRAYS: model_records[arch],
-                    protocol.CONFIG: ConfigRecord({**dict(config), "arch": arch}),
-                    **payload,
-                }
-            )
-            stats.bytes_down += payload_bytes(content)
-            messages.append(Message(content, dst_node_id=node, message_type=protocol.TRAIN))
+            header = MessageHeader(arch=arch, server_round=server_round)
+            msg = self._message(node, header, model_records[arch], config, protocol.TRAIN, payload)
+            stats.bytes_down += payload_bytes(msg.content)
+            messages.append(msg)
         log(INFO, "configure_train: %d nodes (%s)", len(nodes), count_by_value(nodes.values()))
         stats.seconds["configure"] = time.perf_counter() - t0
         self._sent_at = time.perf_counter()
@@ -268,12 +219,7 @@ class HeteroFedAvg(Strategy):
         t0 = time.perf_counter()
         accepted: list[ClientReply] = screen_replies(server_round, replies, self.check_reply, stats)
         stats.client_compute = [r.compute_seconds for r in accepted]
-        if len(accepted) < self.min_replies:
-            raise TooFewReplies(
-                f"round {server_round}: {len(accepted)} valid replies, fewer than min_replies={self.min_replies}; "
-                f"dropped: {stats.dropped}",
-                stats.dropped,
-            )
+        require_replies(server_round, len(accepted), self.min_replies, stats)
         models = dict(self._global)
         for arch in models:
             group = [r for r in accepted if r.arch == arch]
@@ -303,15 +249,12 @@ class HeteroFedAvg(Strategy):
         )
         config["server-round"] = server_round
         return [
-            Message(
-                RecordDict(
-                    {
-                        protocol.ARRAYS: state_to_record(self._global[arch]),
-                        protocol.CONFIG: ConfigRecord({**dict(config), "arch": arch}),
-                    }
-                ),
-                dst_node_id=node,
-                message_type=protocol.EVALUATE,
+            self._message(
+                node,
+                EvaluateConfig(arch=arch, server_round=server_round),
+                state_to_record(self._global[arch]),
+                config,
+                protocol.EVALUATE,
             )
             for node, arch in nodes.items()
         ]

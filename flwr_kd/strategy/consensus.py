@@ -1,0 +1,86 @@
+"""FedMD's server half of a round: which logits replies may join the consensus, the consensus
+itself, and what the replies report (test accuracy per architecture, where time went)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message
+
+from flwr_kd import protocol
+from flwr_kd.distill import average_logits
+from flwr_kd.strategy.replies import RoundStats, logits_problem
+
+#: Client step timings (metrics) whose slowest value a round records.
+CLIENT_STEPS = ("finetune-seconds", "digest-seconds", "revisit-seconds", "logits-seconds")
+
+
+@dataclass
+class LogitsReply:
+    """A valid `train.fedmd` reply."""
+
+    arch: str
+    logits: np.ndarray
+    metrics: dict
+
+
+def check_logits_reply(
+    msg: Message, registered: str | None, subset_round: int, subset: np.ndarray, num_classes: int
+) -> LogitsReply | str:
+    """The reply of a node registered as `registered`, if its logits are on public `subset`
+    (of round `subset_round`); else the reason to leave it out."""
+    if msg.has_error():
+        return f"client error: {msg.error.reason}"
+    content = msg.content
+    arch = str(content[protocol.CONFIG]["arch"]) if protocol.CONFIG in content else None
+    if arch != registered:
+        return f"architecture '{arch}' but node registered as '{registered}'"
+    if protocol.LOGITS not in content or "logits" not in content[protocol.LOGITS]:
+        return "reply lacks logits"
+    got_round = content[protocol.CONFIG].get("subset-round", -1)
+    if not isinstance(got_round, int) or isinstance(got_round, bool):
+        return f"'subset-round' must be an integer, got {got_round!r}"
+    record = content[protocol.LOGITS]
+    indices = record["indices"].numpy() if "indices" in record else None
+    if got_round != subset_round or indices is None or not np.array_equal(indices, subset):
+        return f"logits for the wrong public subset (round {got_round}, expected {subset_round})"
+    logits = record["logits"].numpy()
+    problem = logits_problem(logits, (len(subset), num_classes))
+    if problem:
+        return problem
+    metrics = dict(content[protocol.METRICS]) if protocol.METRICS in content else {}
+    return LogitsReply(arch, logits, metrics)
+
+
+def average(subset: np.ndarray, valid: list[LogitsReply]) -> ArrayRecord:
+    """The averaged logits on public `subset`, with its indices: what the next round digests."""
+    consensus = average_logits([r.logits for r in valid])
+    return ArrayRecord({"indices": Array(subset), "logits": Array(consensus)})
+
+
+def mean_accuracy(valid: list[LogitsReply]) -> dict[str, float]:
+    """Mean client-reported test accuracy per architecture (those that reported one)."""
+    accuracy: dict[str, float] = {}
+    for arch in dict.fromkeys(r.arch for r in valid):
+        scores = [
+            r.metrics["test-accuracy"]
+            for r in valid
+            if r.arch == arch and "test-accuracy" in r.metrics
+        ]
+        if scores:
+            accuracy[arch] = round(float(np.mean(scores)), 4)
+    return accuracy
+
+
+def compute_seconds(reply: LogitsReply) -> float:
+    """The client's own compute time for this reply (all its steps)."""
+    return sum(v for k, v in reply.metrics.items() if k.endswith("-seconds"))
+
+
+def record_slowest_steps(valid: list[LogitsReply], stats: RoundStats) -> None:
+    """The slowest client's time per step, in `stats.seconds`."""
+    for key in CLIENT_STEPS:
+        values = [r.metrics[key] for r in valid if key in r.metrics]
+        if values:
+            stats.seconds[f"client-{key[: -len('-seconds')]}-max"] = max(values)
