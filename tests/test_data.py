@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import struct
 
 import numpy as np
 import pytest
+import torch
 
-from flwr_kd.data import DataError, DataSpec, load_federated
-from flwr_kd.models import ModelSpec
+from flwr_kd.data import PARTITIONERS, DataError, DataSpec, load_federated
+from flwr_kd.models import ModelSpec, create_model
+from flwr_kd.training import predict_logits, train_supervised
 
 
 def _class_skew(data) -> float:
@@ -118,15 +121,79 @@ def test_client_data_rejects_partition_id_out_of_range(pid):
         data.client_data(pid)
 
 
+def _digest(arrays) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.asarray(a, dtype=np.int64).tobytes())
+        h.update(b"|")
+    return h.hexdigest()[:16]
+
+
+@pytest.mark.parametrize(
+    ("alpha", "partitions_digest"), [(0.5, "e4910d5ba43396ab"), (None, "f19401fbcf9b1553")]
+)
+def test_default_digits_split_is_unchanged_by_named_partitioners(alpha, partitions_digest):
+    """Digests computed with data.py before partitioners had names (commit 8146c41): every
+    existing config, Dirichlet by default and alpha None / 0 as IID, keeps its exact split."""
+    data = load_federated(DataSpec(alpha=alpha))
+    assert data.spec.partitioner == "dirichlet"
+    assert _digest(data.partitions) == partitions_digest
+    assert _digest([data.public_y, data.val_y, data.test_y, data.private_y]) == "dbf956efdc453024"
+
+
 def test_data_spec_config_round_trip():
     for spec in (
         DataSpec(num_partitions=3, alpha=0.7, seed=5, max_private=50),
         DataSpec(alpha=None),
+        DataSpec(partitioner="shard", shards_per_client=3, img_size=32),
+        DataSpec(partitioner="pathological", classes_per_client=4),
     ):
         config = spec.to_config()
         assert all(k.startswith("data-") for k in config)
         assert all(isinstance(v, (int, float, str)) for v in config.values())
         assert DataSpec.from_config({**config, "unrelated": 1}) == spec
+    assert DataSpec(partitioner="iid").to_config()["data-partitioner"] == "iid"
+
+
+def test_data_spec_from_an_older_config_takes_the_new_defaults():
+    new = ("data-partitioner", "data-shards-per-client", "data-classes-per-client", "data-img-size")
+    older = {k: v for k, v in DataSpec(alpha=0.3).to_config().items() if k not in new}
+    assert DataSpec.from_config(older) == DataSpec(alpha=0.3)
+
+
+# ---------------------------------------------------------------------------- partitioners
+
+
+def _classes_per_client(data) -> list[int]:
+    return [len(np.unique(data.private_y[p])) for p in data.partitions]
+
+
+@pytest.mark.parametrize("partitioner", PARTITIONERS)
+def test_every_partitioner_covers_the_digits_private_pool(partitioner):
+    # 10 clients for 10 classes: the pathological split gives every class to some client
+    data = load_federated(DataSpec(num_partitions=10, partitioner=partitioner))
+    _assert_disjoint_cover(data)
+    assert all(len(p) > 0 for p in data.partitions)
+
+
+def test_label_shard_partitioners_give_clients_few_classes():
+    iid = _classes_per_client(load_federated(DataSpec(num_partitions=10, partitioner="iid")))
+    shard = load_federated(DataSpec(num_partitions=10, partitioner="shard"))
+    patho = load_federated(DataSpec(num_partitions=10, partitioner="pathological"))
+    assert min(iid) == 10
+    # a shard may straddle two classes of the label-sorted pool: 2 shards, at most 4 classes
+    assert max(_classes_per_client(shard)) <= 4 and np.mean(_classes_per_client(shard)) < 3.5
+    assert _classes_per_client(patho) == [2] * 10
+    three = load_federated(
+        DataSpec(num_partitions=10, partitioner="pathological", classes_per_client=3)
+    )
+    assert _classes_per_client(three) == [3] * 10
+
+
+def test_partitioner_that_cannot_split_is_a_data_error():
+    spec = DataSpec(num_partitions=4, partitioner="pathological", classes_per_client=11)
+    with pytest.raises(DataError, match="with the 'pathological' partitioner"):
+        load_federated(spec)
 
 
 # ---------------------------------------------------------------------------- errors
@@ -141,6 +208,13 @@ def test_data_spec_config_round_trip():
         ({"num_partitions": 1}, "need at least 2 clients, got 1"),
         ({"num_partitions": 0}, "need at least 2 clients, got 0"),
         ({"public_fraction": 1.0}, "public_fraction must lie strictly between 0 and 1"),
+        (
+            {"partitioner": "label-skew"},
+            "unknown partitioner 'label-skew': choose one of dirichlet, iid, shard, pathological",
+        ),
+        ({"shards_per_client": 0}, "shards_per_client must be at least 1"),
+        ({"classes_per_client": 0}, "classes_per_client must be at least 1"),
+        ({"img_size": -1}, "img_size must be positive"),
     ],
 )
 def test_data_spec_rejects_bad_values(kwargs, match):
@@ -245,3 +319,156 @@ def test_hf_unloadable_directory_is_a_data_error(tmp_path, clean_data_cache):
     missing = tmp_path / "does-not-exist"
     with pytest.raises(DataError, match="cannot load Hugging Face dataset"):
         load_federated(DataSpec(dataset=f"hf:{missing}", num_partitions=2))
+
+
+# ---------------------------------------------------------------------------- hf: FederatedDataset
+
+CIFAR_LIKE_CLASSES = 6
+
+
+def _cifar_like(labels: list[int]):
+    """RGB 32x32 PIL images whose pixels encode their label (channel c is 30 * label + c), under
+    CIFAR-100's column names: `img`, `fine_label`, and a `coarse_label` to be ignored."""
+    import datasets
+    from PIL import Image
+
+    images = [
+        Image.fromarray(np.full((32, 32, 3), [30 * y, 30 * y + 1, 30 * y + 2], np.uint8), "RGB")
+        for y in labels
+    ]
+    features = datasets.Features(
+        {
+            "img": datasets.Image(),
+            "fine_label": datasets.ClassLabel(num_classes=CIFAR_LIKE_CLASSES),
+            "coarse_label": datasets.Value("int64"),
+        }
+    )
+    columns = {"img": images, "fine_label": labels, "coarse_label": [y // 2 for y in labels]}
+    return datasets.Dataset.from_dict(columns, features=features)
+
+
+TRAIN_LABELS = [i % CIFAR_LIKE_CLASSES for i in range(240)]
+TEST_LABELS = [(i * 5) % CIFAR_LIKE_CLASSES for i in range(60)]
+
+
+@pytest.fixture(scope="module")
+def hf_root(tmp_path_factory):
+    """Offline Hugging Face ground: a cache in a tmp dir, no Flower telemetry, and a CIFAR-100
+    shaped DatasetDict (train 240, test 60) written by save_to_disk to `<root>/cifar-like`."""
+    import datasets
+    from flwr_datasets.common import telemetry
+
+    root = tmp_path_factory.mktemp("hf")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(datasets.config, "HF_DATASETS_CACHE", str(root / "cache"))
+        mp.setattr(telemetry, "FLWR_TELEMETRY_ENABLED", "0")
+        splits = {"train": _cifar_like(TRAIN_LABELS), "test": _cifar_like(TEST_LABELS)}
+        datasets.DatasetDict(splits).save_to_disk(str(root / "cifar-like"))
+        yield root
+    load_federated.cache_clear()
+
+
+def _hf_spec(root, **kwargs) -> DataSpec:
+    return DataSpec(dataset=f"hf:{root / 'cifar-like'}", **kwargs)
+
+
+def test_hf_saved_dataset_loads_through_federated_dataset(hf_root, monkeypatch, clean_data_cache):
+    import flwr_datasets
+
+    partitions_loaded = []
+
+    class RecordingFederatedDataset(flwr_datasets.FederatedDataset):
+        def load_partition(self, partition_id, split=None):
+            partitions_loaded.append((partition_id, split))
+            return super().load_partition(partition_id, split)
+
+    monkeypatch.setattr(flwr_datasets, "FederatedDataset", RecordingFederatedDataset)
+    data = load_federated(_hf_spec(hf_root, num_partitions=4))
+
+    assert partitions_loaded == [(pid, "private") for pid in range(4)]
+    assert data.model_spec == ModelSpec(num_classes=CIFAR_LIKE_CLASSES, in_chans=3, img_size=32)
+    n_public, n_val = int(240 * 0.25), int(240 * 0.05)
+    assert data.public_x.shape == (n_public, 3, 32, 32)
+    assert data.val_x.shape == (n_val, 3, 32, 32)
+    assert data.private_x.shape == (240 - n_public - n_val, 3, 32, 32)
+    assert data.test_x.shape == (60, 3, 32, 32)
+    np.testing.assert_array_equal(data.test_y, TEST_LABELS)  # the shipped test split, in order
+    pool = np.concatenate([data.public_y, data.val_y, data.private_y])
+    assert sorted(pool) == sorted(TRAIN_LABELS)
+    assert abs(float(data.private_x.mean())) < 1e-3
+    assert float(data.private_x.std()) == pytest.approx(1.0, abs=1e-3)
+    for x, y in ((data.private_x, data.private_y), (data.test_x, data.test_y)):
+        # each channel uniform, channels in RGB order, brighter images with larger labels
+        assert np.all(x == x[:, :, :1, :1])
+        assert np.all(x[:, 0, 0, 0] < x[:, 1, 0, 0]) and np.all(x[:, 1, 0, 0] < x[:, 2, 0, 0])
+        order = np.argsort(y, kind="stable")
+        assert np.all(np.diff(x[order, 0, 0, 0]) >= 0)
+    _assert_disjoint_cover(data)
+
+
+@pytest.mark.parametrize("partitioner", PARTITIONERS)
+def test_hf_every_partitioner_covers_the_private_pool(hf_root, partitioner):
+    spec = _hf_spec(hf_root, num_partitions=CIFAR_LIKE_CLASSES, partitioner=partitioner)
+    data = load_federated(spec)
+    _assert_disjoint_cover(data)
+    assert all(len(p) > 0 for p in data.partitions)
+    classes = _classes_per_client(data)
+    if partitioner == "shard":
+        assert max(classes) <= 4  # 2 shards, each at most across one class boundary
+    if partitioner == "pathological":
+        assert classes == [2] * CIFAR_LIKE_CLASSES
+    if partitioner == "iid":
+        assert min(classes) >= 5
+
+
+def test_hf_images_resize_to_img_size_and_keep_their_channels(hf_root, clean_data_cache):
+    import datasets
+    from PIL import Image
+
+    data = load_federated(_hf_spec(hf_root, img_size=16, alpha=None))
+    assert data.model_spec == ModelSpec(num_classes=CIFAR_LIKE_CLASSES, in_chans=3, img_size=16)
+    assert data.test_x.shape == (60, 3, 16, 16)
+
+    # grayscale images of two sizes, plain int labels, one split saved by Dataset.save_to_disk
+    sizes = [20 if i % 2 else 28 for i in range(50)]
+    images = [Image.new("L", (s, s), color=10 * (i % 4)) for i, s in enumerate(sizes)]
+    gray = datasets.Dataset.from_dict({"image": images, "label": [i % 4 for i in range(50)]})
+    gray = gray.cast_column("image", datasets.Image())
+    gray.save_to_disk(str(hf_root / "gray"))
+    data = load_federated(DataSpec(dataset=f"hf:{hf_root / 'gray'}", num_partitions=2, img_size=24))
+    assert data.model_spec == ModelSpec(num_classes=4, in_chans=1, img_size=24)
+    assert data.test_x.shape == (10, 1, 24, 24)  # no test split: 20% of the pool
+    assert data.private_x.shape == (50 - 10 - 12 - 2, 1, 24, 24)
+
+
+def test_hf_missing_columns_say_what_to_do(hf_root, clean_data_cache):
+    import datasets
+
+    other = datasets.Dataset.from_dict({"picture": [[0, 1]] * 8, "target": [0, 1] * 4})
+    other.save_to_disk(str(hf_root / "other-columns"))
+    spec = DataSpec(dataset=f"hf:{hf_root / 'other-columns'}", num_partitions=2)
+    with pytest.raises(DataError, match="lack an image column .*img.* rename_column"):
+        load_federated(spec)
+
+
+def test_hf_hub_id_offline_says_download_first_or_pass_a_directory(
+    hf_root, monkeypatch, clean_data_cache
+):
+    import datasets
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(DataError, match="download it first .* or pass a local directory"):
+        load_federated(DataSpec(dataset="hf:nobody/not-in-the-cache", num_partitions=2))
+
+
+def test_timm_model_trains_a_step_on_hf_data(hf_root):
+    data = load_federated(_hf_spec(hf_root, num_partitions=4))
+    model = create_model("resnet10t", data.model_spec)
+    before = [p.detach().clone() for p in model.parameters()]
+    train_x, train_y, _, _ = data.client_data(0)
+    loss = train_supervised(model, train_x[:16], train_y[:16], epochs=1, batch_size=16)
+    assert np.isfinite(loss)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert predict_logits(model, data.test_x[:8]).shape == (8, CIFAR_LIKE_CLASSES)
