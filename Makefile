@@ -2,7 +2,7 @@
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
-EXTRAS  ?= dev,cloud
+EXTRAS  ?= dev,cloud,track
 LINT_PATHS := flwr_kd tests benchmarks cloud examples
 export FLWR_TELEMETRY_ENABLED = 0
 # checkov lives in its own venv: in .venv it would downgrade packages torch needs, and its
@@ -10,6 +10,11 @@ export FLWR_TELEMETRY_ENABLED = 0
 CHECKOV_VENV    ?= .venv-checkov
 CHECKOV_VERSION ?= 3.3.30
 CHECKOV_STAMP   := $(CHECKOV_VENV)/.installed
+# The MLflow tracking server for tests/test_tracking.py, in its own venv for the same reason:
+# full mlflow would downgrade pyarrow, gunicorn and python-dateutil in .venv.
+MLFLOW_VENV    ?= .venv-mlflow
+MLFLOW_VERSION ?= 3.17.2
+MLFLOW_STAMP   := $(MLFLOW_VENV)/.installed
 
 .PHONY: demo test lint bench bench-quick clean
 
@@ -25,14 +30,21 @@ $(CHECKOV_STAMP):
 	$(CHECKOV_VENV)/bin/pip install --quiet 'checkov==$(CHECKOV_VERSION)'
 	touch $(CHECKOV_STAMP)
 
+$(MLFLOW_STAMP):
+	test -x $(MLFLOW_VENV)/bin/python || python3 -m venv $(MLFLOW_VENV)
+	$(MLFLOW_VENV)/bin/pip install --quiet --upgrade pip
+	$(MLFLOW_VENV)/bin/pip install --quiet 'mlflow==$(MLFLOW_VERSION)'
+	touch $(MLFLOW_STAMP)
+
 ## FedDF on the embedded digits dataset: 8 clients, 3 architectures, alpha 0.5, 5 rounds.
 demo: $(STAMP)
 	$(VENV)/bin/flwr-kd simulate --strategy feddf --dataset digits --clients 8 --alpha 0.5 \
 		--rounds 5 --out runs/demo
 
 ## The whole test suite (starts and stops what it needs itself).
-test: $(STAMP) $(CHECKOV_STAMP) lint
-	CHECKOV=$(CURDIR)/$(CHECKOV_VENV)/bin/checkov $(PY) -m pytest -q
+test: $(STAMP) $(CHECKOV_STAMP) $(MLFLOW_STAMP) lint
+	CHECKOV=$(CURDIR)/$(CHECKOV_VENV)/bin/checkov \
+		MLFLOW_SERVER_CLI=$(CURDIR)/$(MLFLOW_VENV)/bin/mlflow $(PY) -m pytest -q
 
 ## ruff (pinned in the dev extra): lint and formatting, also run by `make test`.
 lint: $(STAMP)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from flwr_kd.data import DataError, load_federated
+from flwr_kd.data import PARTITIONERS, DataError, load_federated
 from flwr_kd.experiment import STRATEGIES, ConfigError, ExperimentConfig
 from flwr_kd.models import UnknownArchitectureError, check_architecture
 from flwr_kd.strategy import TooFewReplies
@@ -83,7 +83,17 @@ def _experiment_flags(sim: argparse.ArgumentParser) -> None:
     sim.add_argument("--strategy", default=d.strategy, help=f"one of {', '.join(STRATEGIES)}")
     sim.add_argument("--dataset", default=d.dataset, help="digits, fashion-mnist or hf:<name>")
     sim.add_argument("--clients", type=int, default=d.num_clients)
-    sim.add_argument("--alpha", type=float, default=d.alpha, help="Dirichlet alpha; 0 for IID")
+    sim.add_argument(
+        "--partitioner",
+        default=d.partitioner,
+        help=f"how private data is split over clients: {', '.join(PARTITIONERS)}",
+    )
+    sim.add_argument(
+        "--alpha",
+        type=float,
+        default=d.alpha,
+        help="Dirichlet alpha (--partitioner dirichlet); 0 for IID",
+    )
     sim.add_argument("--rounds", type=int, default=d.num_server_rounds)
     sim.add_argument("--archs", default=d.archs, help="timm model names, comma-separated")
     sim.add_argument("--seed", type=int, default=d.seed)
@@ -122,6 +132,12 @@ def _experiment_flags(sim: argparse.ArgumentParser) -> None:
     )
     sim.add_argument("--no-baseline", action="store_true", help="skip the local-only baseline")
     sim.add_argument(
+        "--track",
+        default=d.track,
+        help="experiment tracking: mlflow (pip install 'flwr-kd[track]'; MLFLOW_TRACKING_URI, "
+        "else a local store in --out)",
+    )
+    sim.add_argument(
         "--out", default="runs/latest", help="directory for result.json and accuracy.png"
     )
 
@@ -140,6 +156,7 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
             "dataset": args.dataset,
             "num-clients": args.clients,
             "alpha": args.alpha,
+            "partitioner": args.partitioner,
             "num-server-rounds": args.rounds,
             "archs": args.archs,
             "seed": args.seed,
@@ -153,6 +170,7 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
             "fail-rate": args.fail_rate,
             "fail-kinds": args.fail_kinds,
             "local-only-baseline": not args.no_baseline,
+            "track": args.track,
             "out-dir": args.out,
             **extra,
         }

@@ -13,7 +13,8 @@ from flwr_kd.configs import DistillConfig, FedMDRoundConfig, PretrainConfig, Tra
 from flwr_kd.data import DataSpec
 from flwr_kd.faults import parse_kinds
 from flwr_kd.models import DEFAULT_ARCHITECTURES, check_architecture
-from flwr_kd.registry import STRATEGIES  # the strategy names, from what the runner can build
+from flwr_kd.registry import STRATEGIES
+from flwr_kd.tracking import check_tracker  # the strategy names, from what the runner can build
 
 
 class ConfigError(ValueError):
@@ -26,6 +27,11 @@ class ExperimentConfig:
     dataset: str = "digits"
     num_clients: int = 8
     alpha: float = 0.5  # 0 means IID
+    # How private data is split over clients, and the image size (flwr_kd.dataspec.DataSpec)
+    partitioner: str = DataSpec.partitioner
+    shards_per_client: int = DataSpec.shards_per_client
+    classes_per_client: int = DataSpec.classes_per_client
+    img_size: int = DataSpec.img_size
     seed: int = 0
     num_server_rounds: int = 5
     archs: str = ",".join(DEFAULT_ARCHITECTURES)
@@ -65,6 +71,15 @@ class ExperimentConfig:
     public_fraction: float = 0.25
     local_only_baseline: bool = True
     out_dir: str = ""
+    track: str = ""  # experiment tracking: "" (off) or "mlflow" (flwr_kd.tracking)
+    # Devices: "auto" picks cuda, then mps, then cpu, for every training, logits, distillation
+    # and evaluation path; "cpu", "cuda", "cuda:1", "mps" force one. `autocast`: "" (off),
+    # "bf16" or "fp16" mixed precision. Ray resources per simulated client (Flower's
+    # backend config `client_resources`): CPUs and a GPU fraction.
+    device: str = "auto"
+    autocast: str = ""
+    client_num_cpus: float = 1.0
+    client_num_gpus: float = 0.0
 
     # -- conversions ------------------------------------------------------------------------
 
@@ -110,6 +125,10 @@ class ExperimentConfig:
             max_private=self.max_private,
             max_test=self.max_test,
             public_fraction=self.public_fraction,
+            partitioner=self.partitioner,
+            shards_per_client=self.shards_per_client,
+            classes_per_client=self.classes_per_client,
+            img_size=self.img_size,
         )
 
     @property
@@ -206,6 +225,11 @@ class ExperimentConfig:
             raise ConfigError(f"fail-kinds: {exc}") from None
         if self.fail_hang_seconds < 0 or self.round_timeout < 0:
             raise ConfigError("fail-hang-seconds and round-timeout must not be negative")
+        if self.track:
+            try:
+                check_tracker(self.track)
+            except (ValueError, ImportError) as exc:
+                raise ConfigError(f"track: {exc}") from None
         if self.fanout not in ("process", "serial"):
             raise ConfigError(f"fanout must be process or serial, got '{self.fanout}'")
 

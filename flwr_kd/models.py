@@ -51,16 +51,18 @@ def check_architecture(name: str, spec: ModelSpec | None = None) -> None:
                 )
 
 
+def vit_kwargs(spec: ModelSpec) -> dict[str, int]:
+    """What ViT-style nets get besides classes and channels (`flwr_kd.export` records them):
+    position embeddings sized from img_size, and a 4x4 token grid, fast on small images."""
+    return {"img_size": spec.img_size, "patch_size": max(1, spec.img_size // 4)}
+
+
 def create_model(name: str, spec: ModelSpec) -> torch.nn.Module:
     """Build timm model `name` (random init) as a classifier fitting `spec`."""
     check_architecture(name, spec)
     common = {"pretrained": False, "num_classes": spec.num_classes, "in_chans": spec.in_chans}
     try:
-        # ViT-style nets size their position embeddings from img_size; a 4x4 token grid keeps
-        # them fast on small images.
-        return timm.create_model(
-            name, img_size=spec.img_size, patch_size=max(1, spec.img_size // 4), **common
-        )
+        return timm.create_model(name, **vit_kwargs(spec), **common)
     except TypeError:
         # Convolutional nets take any input size and reject those keyword arguments.
         return timm.create_model(name, **common)

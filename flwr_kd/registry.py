@@ -45,11 +45,14 @@ class StrategyEntry:
     report(strategy, initial, resumed) -> top-level result sections; its `baselines`, if any,
         join the local-only baseline. `initial` is the round-0 row (accuracy per architecture
         before round 1, or at the restored round when `resumed`).
+    global_models: the arrays `start()` returns are one global model per architecture (saved
+        as the run's final models); FedMD's are its last consensus, its models stay on clients.
     """
 
     build: Callable[[ExperimentConfig, FederatedData, FanOut, str], Strategy]
     score: Callable[[Strategy, ExperimentConfig, FederatedData], RoundScore] = server_test_score
     report: Callable[[Strategy, dict, bool], dict] = no_report
+    global_models: bool = True
 
 
 STRATEGY_REGISTRY: dict[str, StrategyEntry] = {}
@@ -147,7 +150,12 @@ def fedmd_report(strategy: FedMD, initial: dict, resumed: bool) -> dict:
 
 
 register("feddf", StrategyEntry(build=build_feddf))
-register("fedmd", StrategyEntry(build=build_fedmd, score=fedmd_client_score, report=fedmd_report))
+register(
+    "fedmd",
+    StrategyEntry(
+        build=build_fedmd, score=fedmd_client_score, report=fedmd_report, global_models=False
+    ),
+)
 register("fedavg", StrategyEntry(build=build_fedavg))
 
 STRATEGIES = STRATEGY_REGISTRY.keys()  # a live view: names registered later count too

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from logging import INFO
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from flwr_kd.data import FederatedData, load_federated
 from flwr_kd.experiment import ExperimentConfig
+from flwr_kd.export import save_models
 from flwr_kd.fanout import FanOut, make_fanout
 from flwr_kd.models import ModelSpec, create_model, state_to_numpy
 from flwr_kd.records import pack_models
@@ -32,6 +34,7 @@ from flwr_kd.registry import STRATEGY_REGISTRY
 from flwr_kd.report import RoundRecorder, publish_result
 from flwr_kd.strategy.wrappers import RoundCheckpoint, RoundOffset
 from flwr_kd.tasks import LocalTrainTask, run_local_train_task
+from flwr_kd.tracking import MODELS_DIR, make_tracker
 
 
 def initial_arrays(archs: list[str], spec: ModelSpec, seed: int) -> ArrayRecord:
@@ -104,11 +107,38 @@ def with_runtime(strategy: Strategy, hooks: RuntimeHooks) -> Strategy:
 
 
 def run_experiment(grid: Grid, cfg: ExperimentConfig, hooks: RuntimeHooks | None = None) -> dict:
-    """Run one experiment on `grid`; returns the result, also written to cfg.out_dir if set."""
+    """Run one experiment on `grid`; returns the result, also written to cfg.out_dir if set
+    (with the final models, when the strategy has global ones) and sent to the tracker that
+    `cfg.track` names."""
     hooks = hooks or RuntimeHooks()
     entry = STRATEGY_REGISTRY[cfg.strategy]
+    run_name = Path(cfg.out_dir).name if cfg.out_dir else cfg.strategy
+    tracker = make_tracker(cfg.track, cfg.out_dir, run_name)  # before any work: fails fast
+    with tracker or contextlib.nullcontext():  # the tracked run ends FAILED if this raises
+        if tracker is not None:
+            tracker.log_config(cfg.to_run_config())
+        data = load_federated(cfg.data_spec)
+        result, final_arrays = _run(grid, cfg, hooks, entry, data)
+        publish_result(result, cfg.out_dir)
+        if cfg.out_dir and entry.global_models and result["rounds"]:
+            save_models(
+                final_arrays,
+                data.model_spec,
+                Path(cfg.out_dir) / MODELS_DIR,
+                metadata={"test_accuracy": result["rounds"][-1]["accuracy"]},
+            )
+        if tracker is not None:
+            tracker.log_result(result)
+            if cfg.out_dir:
+                tracker.log_artifacts(cfg.out_dir)
+    return result
+
+
+def _run(
+    grid: Grid, cfg: ExperimentConfig, hooks: RuntimeHooks, entry, data: FederatedData
+) -> tuple[dict, ArrayRecord]:
+    """The strategy's rounds and the baselines: the result dict and the final global arrays."""
     t0 = time.perf_counter()
-    data = load_federated(cfg.data_spec)
     seconds = {}
     with contextlib.ExitStack() as stack:
         fanout = hooks.fanout or stack.enter_context(make_fanout(cfg.fanout))
@@ -155,8 +185,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, hooks: RuntimeHooks | None
     }
     if hooks.report is not None:
         result.update(hooks.report(result))
-    publish_result(result, cfg.out_dir)
-    return result
+    return result, flower_result.arrays
 
 
 def round_rows(

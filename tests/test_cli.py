@@ -114,4 +114,6 @@ def test_simulate_end_to_end(contained_runtime, capsys):
     assert png.stat().st_size > 1000
     assert png.read_bytes()[:8] == PNG_SIGNATURE
     # nothing else left in the output directory (no half-written temporary files)
-    assert sorted(p.name for p in out.iterdir()) == ["accuracy.png", "result.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["accuracy.png", "final_models", "result.json"]
+    final_models = sorted(p.name for p in (out / "final_models").iterdir())
+    assert final_models == ["models.json", "resnet10t.safetensors", "test_vit.safetensors"]
