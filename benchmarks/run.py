@@ -134,6 +134,18 @@ class MemorySampler:
         }
 
 
+def simulate_args(mode: dict, strategy: str, alpha: float, *flags: str) -> list[str]:
+    """`flwr-kd simulate` arguments for one run of `mode` (flags before the mode's `-c`s)."""
+    return [
+        "simulate",
+        *("--strategy", strategy, "--dataset", mode["dataset"]),
+        *("--clients", str(mode["clients"]), "--alpha", str(alpha)),
+        *("--rounds", str(mode["rounds"]), "--archs", mode["archs"]),
+        *flags,
+        *mode["extra"],
+    ]
+
+
 def flwr_kd(args: list[str], out: Path, memory: bool = False) -> tuple[dict, dict]:
     """Run `flwr-kd ...` in a subprocess (Ray starts and stops cleanly each time); returns
     (result.json, memory peaks)."""
@@ -175,26 +187,10 @@ def accuracy_section(mode: dict, out: Path) -> dict:
     memory: dict = {}
     for alpha in mode["alphas"]:
         for strategy in ("feddf", "fedmd", "fedavg"):
-            args = [
-                "simulate",
-                "--strategy",
-                strategy,
-                "--dataset",
-                mode["dataset"],
-                "--clients",
-                str(mode["clients"]),
-                "--alpha",
-                str(alpha),
-                "--rounds",
-                str(mode["rounds"]),
-                "--archs",
-                mode["archs"],
-                *mode["extra"],
-            ]
-            if strategy != "feddf":
-                args.append(
-                    "--no-baseline"
-                )  # local-only comes from the FedDF run: same data, same budget
+            # local-only comes from the FedDF run: same data, same budget
+            args = simulate_args(
+                mode, strategy, alpha, *([] if strategy == "feddf" else ["--no-baseline"])
+            )
             measure_memory = strategy == "feddf" and alpha == mode["alphas"][-1]
             result, mem = flwr_kd(
                 args, out / "runs" / f"{strategy}-alpha{alpha}", memory=measure_memory
@@ -490,25 +486,7 @@ def communication_section(acc: dict, mode: dict, out: Path) -> dict:
             ),
             "up_per_client": int(np.mean([x["bytes"]["up"] / max(1, x["replies"]) for x in rows])),
         }
-    args = [
-        "simulate",
-        "--strategy",
-        "feddf",
-        "--dataset",
-        mode["dataset"],
-        "--clients",
-        str(mode["clients"]),
-        "--alpha",
-        str(alpha),
-        "--rounds",
-        str(mode["rounds"]),
-        "--archs",
-        mode["archs"],
-        "--no-baseline",
-        "--logits-dtype",
-        "float32",
-        *mode["extra"],
-    ]
+    args = simulate_args(mode, "feddf", alpha, "--no-baseline", "--logits-dtype", "float32")
     f32, _ = flwr_kd(args, out / "runs" / f"feddf-float32-alpha{alpha}")
     f16 = acc["runs"][f"feddf/{alpha}"]
     data_out = {
