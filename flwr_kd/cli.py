@@ -102,6 +102,7 @@ def _experiment_flags(sim: argparse.ArgumentParser) -> None:
     sim.add_argument("--teacher", default=d.teacher, help="clients (logits from clients) or server")
     sim.add_argument("--logits-dtype", default=d.logits_dtype)
     sim.add_argument("--fanout", default=d.fanout, help="process (parallel) or serial")
+    sim.add_argument("--device", default=d.device, help="auto (cuda, mps, cpu), cpu, cuda[:N], mps")
     sim.add_argument(
         "--min-replies", type=int, default=d.min_replies, help="valid replies a round needs"
     )
@@ -118,9 +119,7 @@ def _experiment_flags(sim: argparse.ArgumentParser) -> None:
         help="inject faults into this share of client calls (off: 0)",
     )
     sim.add_argument(
-        "--fail-kinds",
-        default=d.fail_kinds,
-        help="fault kinds, comma-separated (see flwr_kd.faults)",
+        "--fail-kinds", default=d.fail_kinds, help="fault kinds, comma-separated (flwr_kd.faults)"
     )
     sim.add_argument(
         "-c",
@@ -165,6 +164,7 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
             "teacher": args.teacher,
             "logits-dtype": args.logits_dtype,
             "fanout": args.fanout,
+            "device": args.device,
             "min-replies": args.min_replies,
             "round-timeout": args.round_timeout,
             "fail-rate": args.fail_rate,
@@ -285,15 +285,13 @@ def _audit(args: argparse.Namespace) -> int:
             bucket, database = deployment.bucket, deployment.firestore_database
         problems = audit_run(args.run_id, RoundStore(database=database), GcsArrayStore(bucket))
     except (OSError, ValueError, KeyError) as exc:
-        print(
-            f"flwr-kd: error: {exc.args[0] if isinstance(exc, KeyError) else exc}", file=sys.stderr
-        )
+        message = exc.args[0] if isinstance(exc, KeyError) else exc
+        print(f"flwr-kd: error: {message}", file=sys.stderr)
         return 2
     for problem in problems:
         print(f"  {problem}")
-    print(
-        f"run {args.run_id}: " + (f"{len(problems)} problem(s)" if problems else "records complete")
-    )
+    verdict = f"{len(problems)} problem(s)" if problems else "records complete"
+    print(f"run {args.run_id}: {verdict}")
     return 1 if problems else 0
 
 

@@ -107,6 +107,25 @@ class FedMDRoundConfig(MessageHeader):
     logits_dtype: str = TrainConfig.logits_dtype
 
 
+# -- where work runs --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeviceConfig(FlatConfig):
+    """Where training, logits, distillation and evaluation run (`flwr_kd.devices` resolves
+    it): `device` "auto" (cuda, then mps, then cpu), "cpu", "cuda", "cuda:N" or "mps";
+    `autocast` "" (off), "bf16" or "fp16". Every client message carries it (keys `device`,
+    `autocast`); server tasks carry its two strings."""
+
+    device: str = "auto"
+    autocast: str = ""
+
+    @classmethod
+    def of(cls, value: DeviceConfig | str) -> DeviceConfig:
+        """`value` itself, or the device it names, without autocast."""
+        return value if isinstance(value, DeviceConfig) else cls(device=value)
+
+
 # -- server tasks -----------------------------------------------------------------------------
 
 

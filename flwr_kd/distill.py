@@ -10,13 +10,15 @@ on validation than the one it was given).
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from flwr_kd.configs import DistillConfig, FedMDRoundConfig
+from flwr_kd.configs import DeviceConfig, DistillConfig, FedMDRoundConfig
+from flwr_kd.devices import record_phase, run_on
 from flwr_kd.training import batches, evaluate
 
 
@@ -65,35 +67,39 @@ def distill(
     val_y: np.ndarray,
     config: DistillConfig,
     seed: int = 0,
+    device: DeviceConfig | None = None,
 ) -> DistillReport:
-    """Distil `model` in place towards `teacher_logits` on `x`; restore its best weights."""
+    """Distil `model` in place towards `teacher_logits` on `x`; restore its best weights.
+    `device`: where (`flwr_kd.devices`); None: where the model is."""
     if len(x) != len(teacher_logits):
         raise ValueError(f"{len(x)} inputs but {len(teacher_logits)} teacher logits")
+    on, started = run_on(model, device), time.perf_counter()
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, config.steps))
+    update = on.stepper(opt)
     xt, tt = torch.from_numpy(x), torch.from_numpy(np.asarray(teacher_logits, np.float32))
-    _, best_acc = evaluate(model, val_x, val_y)
+    _, best_acc = evaluate(model, val_x, val_y, device)
     initial_acc, best_step, best_state = best_acc, 0, copy.deepcopy(model.state_dict())
     bs = min(config.batch_size, len(x))
     step = 0
     while step < config.steps:
         model.train()
         idx = torch.from_numpy(rng.choice(len(x), size=bs, replace=False))
-        loss = kd_loss(model(xt[idx]), tt[idx], config.temperature)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        with on.autocast():
+            loss = kd_loss(model(on.put(xt[idx])), on.put(tt[idx]), config.temperature)
+        update(loss)
         sched.step()
         step += 1
         if step % config.eval_every == 0 or step == config.steps:
-            _, acc = evaluate(model, val_x, val_y)
+            _, acc = evaluate(model, val_x, val_y, device)
             if acc > best_acc:
                 best_acc, best_step, best_state = acc, step, copy.deepcopy(model.state_dict())
             elif step - best_step >= config.patience:
                 break
     model.load_state_dict(best_state)
+    record_phase("distillation", model, step * bs, started)
     return DistillReport(step, best_step, initial_acc, best_acc)
 
 
@@ -107,6 +113,7 @@ def digest(
     *,
     config: FedMDRoundConfig,
     seed: int = 0,
+    device: DeviceConfig | None = None,
 ) -> float:
     """FedMD's digest step: train `model` towards the consensus logits on public inputs, as
     the round's config says (`digest_loss`, `digest_epochs`, `digest_batch_size`, `lr`,
@@ -117,20 +124,24 @@ def digest(
         raise ValueError(f"digest loss must be one of {DIGEST_LOSSES}, got '{loss}'")
     if len(x) != len(consensus):
         raise ValueError(f"{len(x)} inputs but {len(consensus)} consensus logits")
+    on, started, seen = run_on(model, device), time.perf_counter(), 0
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+    update = on.stepper(torch.optim.Adam(model.parameters(), lr=config.lr))
     xt, ct = torch.from_numpy(x), torch.from_numpy(np.asarray(consensus, np.float32))
     last = float("nan")
     for _ in range(config.digest_epochs):
         model.train()
         total, count = 0.0, 0
         for idx in batches(len(x), config.digest_batch_size, rng):
-            out = model(xt[idx])
-            value = F.l1_loss(out, ct[idx]) if loss == "mae" else kd_loss(out, ct[idx], temperature)
-            opt.zero_grad(set_to_none=True)
-            value.backward()
-            opt.step()
+            target = on.put(ct[idx])
+            with on.autocast():
+                out = model(on.put(xt[idx]))
+                value = (
+                    F.l1_loss(out, target) if loss == "mae" else kd_loss(out, target, temperature)
+                )
+            update(value)
             total, count = total + float(value.detach()) * len(idx), count + len(idx)
-        last = total / max(count, 1)
+        last, seen = total / max(count, 1), seen + count
+    record_phase("digest", model, seen, started)
     return last

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from flwr.app import ArrayRecord, MetricRecord
 
+from flwr_kd.configs import DeviceConfig
 from flwr_kd.export import Models, as_state_dicts
 from flwr_kd.models import ModelSpec, create_model, load_numpy_state
 from flwr_kd.training import evaluate
@@ -24,6 +25,7 @@ def score_models(
     y: np.ndarray,
     model_spec: ModelSpec,
     archs: Sequence[str] | None = None,
+    device: DeviceConfig | str = "auto",
 ) -> dict[str, tuple[float, float]]:
     """(cross-entropy loss, accuracy) of each architecture's model on `(x, y)`.
 
@@ -37,13 +39,15 @@ def score_models(
         Classes, channels and image size of the models.
     archs : Sequence[str] | None (default: None)
         The architectures to score, in this order; default: every one in `models`.
+    device : DeviceConfig | str (default: "auto")
+        Where to score: "auto" (cuda, then mps, then cpu), "cpu", "cuda", "cuda:N", "mps".
     """
     states = as_state_dicts(models)
     scores = {}
     for arch in states if archs is None else archs:
         model = create_model(arch, model_spec)
         load_numpy_state(model, states[arch])
-        scores[arch] = evaluate(model, x, y)
+        scores[arch] = evaluate(model, x, y, DeviceConfig.of(device))
     return scores
 
 
@@ -52,6 +56,7 @@ def make_evaluate_fn(
     y: np.ndarray,
     model_spec: ModelSpec,
     archs: Sequence[str] | None = None,
+    device: DeviceConfig | str = "auto",
 ) -> Callable[[int, ArrayRecord], MetricRecord]:
     """Flower `evaluate_fn` scoring every architecture of the global models on `(x, y)`.
 
@@ -63,6 +68,8 @@ def make_evaluate_fn(
         Classes, channels and image size of the models.
     archs : Sequence[str] | None (default: None)
         The architectures to score; default: every one in the `ArrayRecord`.
+    device : DeviceConfig | str (default: "auto")
+        Where to score (as `score_models`).
 
     Returns
     -------
@@ -73,7 +80,7 @@ def make_evaluate_fn(
     """
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        scores = score_models(arrays, x, y, model_spec, archs)
+        scores = score_models(arrays, x, y, model_spec, archs, device)
         metrics = MetricRecord()
         for arch, (loss, accuracy) in scores.items():
             metrics[f"accuracy/{arch}"] = accuracy

@@ -9,8 +9,15 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from flwr_kd.configs import DistillConfig, FedMDRoundConfig, PretrainConfig, TrainConfig
+from flwr_kd.configs import (
+    DeviceConfig,
+    DistillConfig,
+    FedMDRoundConfig,
+    PretrainConfig,
+    TrainConfig,
+)
 from flwr_kd.data import DataSpec
+from flwr_kd.devices import Compute, DeviceError
 from flwr_kd.faults import parse_kinds
 from flwr_kd.models import DEFAULT_ARCHITECTURES, check_architecture
 from flwr_kd.registry import STRATEGIES
@@ -76,8 +83,8 @@ class ExperimentConfig:
     # and evaluation path; "cpu", "cuda", "cuda:1", "mps" force one. `autocast`: "" (off),
     # "bf16" or "fp16" mixed precision. Ray resources per simulated client (Flower's
     # backend config `client_resources`): CPUs and a GPU fraction.
-    device: str = "auto"
-    autocast: str = ""
+    device: str = DeviceConfig.device
+    autocast: str = DeviceConfig.autocast
     client_num_cpus: float = 1.0
     client_num_gpus: float = 0.0
 
@@ -110,6 +117,11 @@ class ExperimentConfig:
     @property
     def arch_list(self) -> list[str]:
         return [a.strip() for a in self.archs.split(",") if a.strip()]
+
+    @property
+    def device_config(self) -> DeviceConfig:
+        """Where the run's clients and server tasks train, infer and evaluate."""
+        return DeviceConfig(device=self.device, autocast=self.autocast)
 
     def arch_of_partition(self, partition_id: int) -> str:
         archs = self.arch_list
@@ -160,11 +172,13 @@ class ExperimentConfig:
         )
 
     def client_config(self) -> dict:
-        """What every message carries so that a stateless client can rebuild its data."""
+        """What every message carries so that a stateless client can rebuild its data (and
+        knows its device)."""
         return {
             **self.data_spec.to_config(),
             "archs": self.archs,
             **self.train_config.settings(),
+            **self.device_config.to_config(),
             **(
                 {
                     "fail-rate": self.fail_rate,
@@ -232,6 +246,22 @@ class ExperimentConfig:
                 raise ConfigError(f"track: {exc}") from None
         if self.fanout not in ("process", "serial"):
             raise ConfigError(f"fanout must be process or serial, got '{self.fanout}'")
+        self._validate_devices()
+
+    def _validate_devices(self) -> None:
+        """The device exists on this machine (where clients and server tasks run too, for
+        `flwr-kd simulate`), and Ray can grant the client resources."""
+        try:
+            Compute.of(self.device_config)  # the device must exist here
+        except DeviceError as exc:
+            raise ConfigError(str(exc)) from None
+        if self.client_num_cpus <= 0:
+            raise ConfigError(f"client-num-cpus must be positive, got {self.client_num_cpus}")
+        gpus = self.client_num_gpus
+        if gpus < 0 or (gpus > 1 and not gpus.is_integer()):
+            raise ConfigError(
+                f"client-num-gpus must be a fraction of one GPU or a whole number, got {gpus}"
+            )
 
 
 def _coerce(type_name, value):

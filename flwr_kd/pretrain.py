@@ -16,7 +16,7 @@ from typing import NamedTuple
 import numpy as np
 from flwr.common.logger import log
 
-from flwr_kd.configs import PretrainConfig
+from flwr_kd.configs import DeviceConfig, PretrainConfig
 from flwr_kd.fanout import FanOut
 from flwr_kd.models import ModelSpec
 from flwr_kd.records import State
@@ -73,10 +73,11 @@ def cache_key(
     return f"{arch}-{h.hexdigest()[:24]}"
 
 
-def _task(arch, init, data: TransferData, config, seed) -> LocalTrainTask:
+def _task(arch, init, data: TransferData, config, seed, device) -> LocalTrainTask:
     """Train `arch` from `init` on the public set, scored on validation, returning its weights."""
     hyper = {**asdict(config), "seed": seed}  # epochs, batch_size, lr: the task's own fields
-    return LocalTrainTask(arch, *data, init_state=init, return_state=True, **hyper)
+    where = DeviceConfig.of(device).to_config()  # device, autocast: the task's own fields too
+    return LocalTrainTask(arch, *data, init_state=init, return_state=True, **hyper, **where)
 
 
 def transfer_learning(
@@ -85,8 +86,10 @@ def transfer_learning(
     config: PretrainConfig,
     fanout: FanOut,
     cache_dir: Path | None = None,
+    device: DeviceConfig | str = "auto",
 ) -> tuple[dict[str, State], TransferReport]:
-    """Pretrained weights per architecture (from the cache where possible) and a report."""
+    """Pretrained weights per architecture (from the cache where possible) and a report.
+    The cache ignores `device`: weights trained anywhere serve everywhere."""
     t0 = time.perf_counter()
     store = LocalStateStore(cache_dir or default_cache_dir())
     keys = {
@@ -100,11 +103,11 @@ def transfer_learning(
             weights[arch] = cached
     missing = [arch for arch in initial if arch not in weights]
     # one seed for all: the cache key must determine the weights, whatever else is cached
-    tasks = [_task(arch, initial[arch], data, config, config.seed) for arch in missing]
+    tasks = [_task(arch, initial[arch], data, config, config.seed, device) for arch in missing]
     report = TransferReport(
         seconds=0.0, trained=missing, cached=[a for a in initial if a not in missing]
     )
-    for outcome in fanout.map(run_local_train_task, tasks):
+    for outcome in fanout.map_with_progress(run_local_train_task, tasks, "transfer learning"):
         weights[outcome.arch] = outcome.state
         store.save(keys[outcome.arch], outcome.state)
         report.val_accuracy[outcome.arch] = round(outcome.accuracy, 4)
@@ -118,15 +121,16 @@ def per_client_seconds(
     data: TransferData,
     config: PretrainConfig,
     fanout: FanOut,
+    device: DeviceConfig | str = "auto",
 ) -> float:
     """Wall time of the seed system's way, for the record: transfer learning once per client
     (uncached), on the same executor."""
     t0 = time.perf_counter()
     tasks = [
-        _task(arch, initial[arch], data, config, config.seed + i)
+        _task(arch, initial[arch], data, config, config.seed + i, device)
         for i, arch in enumerate(client_archs)
     ]
-    fanout.map(run_local_train_task, tasks)
+    fanout.map_with_progress(run_local_train_task, tasks, "transfer learning, once per client")
     return time.perf_counter() - t0
 
 
@@ -138,10 +142,11 @@ def pretrain_architectures(
     fanout: FanOut,
     cache_dir: Path | None = None,
     measure_per_client: bool = False,
+    device: DeviceConfig | str = "auto",
 ) -> tuple[dict[str, State], TransferReport]:
     """`transfer_learning` as FedMD runs it before round 1, logged. `measure_per_client` also
     times the seed system's way (`per_client_seconds`) into the report."""
-    weights, report = transfer_learning(initial, data, config, fanout, cache_dir)
+    weights, report = transfer_learning(initial, data, config, fanout, cache_dir, device)
     log(
         INFO,
         "Transfer learning: %.1fs, trained %s, cached %s",
@@ -150,7 +155,9 @@ def pretrain_architectures(
         report.cached,
     )
     if measure_per_client:
-        report.per_client_seconds = per_client_seconds(client_archs, initial, data, config, fanout)
+        report.per_client_seconds = per_client_seconds(
+            client_archs, initial, data, config, fanout, device
+        )
         log(
             INFO,
             "Transfer learning once per client (for the record): %.1fs",

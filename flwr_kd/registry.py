@@ -27,8 +27,10 @@ RoundScore = Callable[[int, ArrayRecord], dict[str, float]]
 
 
 def server_test_score(strategy: Strategy, cfg: ExperimentConfig, data: FederatedData) -> RoundScore:
-    """Each architecture's global model on the server's test set."""
-    return ServerTestScore(cfg.arch_list, data.model_spec, data.test_x, data.test_y)
+    """Each architecture's global model on the server's test set, on the run's device."""
+    return ServerTestScore(
+        cfg.arch_list, data.model_spec, data.test_x, data.test_y, cfg.device_config
+    )
 
 
 def no_report(strategy: Strategy, initial: dict, resumed: bool) -> dict:
@@ -76,7 +78,8 @@ def _common(cfg: ExperimentConfig) -> dict:
 
 def _public_data(cfg: ExperimentConfig, data: FederatedData, fanout: FanOut) -> dict:
     """What FedDF and FedMD both take: public and validation data, the models' shape, the
-    public subset per round, the logits' type on the wire and the executor of server tasks."""
+    public subset per round, the logits' type on the wire, the executor of server tasks and
+    their device."""
     return {
         "public_x": data.public_x,
         "val_x": data.val_x,
@@ -85,6 +88,7 @@ def _public_data(cfg: ExperimentConfig, data: FederatedData, fanout: FanOut) -> 
         "subset_size": cfg.subset_size or None,
         "logits_dtype": cfg.logits_dtype,
         "fanout": fanout,
+        "device": cfg.device_config,
     }
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import ArrayRecord, MetricRecord
 
+from flwr_kd.configs import DeviceConfig
 from flwr_kd.models import ModelSpec, create_model, load_numpy_state
 from flwr_kd.records import unpack_models
 from flwr_kd.training import evaluate
@@ -22,10 +23,16 @@ class ServerTestScore:
     """Test accuracy of every architecture's global model on the server's test set."""
 
     def __init__(
-        self, archs: list[str], model_spec: ModelSpec, test_x: np.ndarray, test_y: np.ndarray
+        self,
+        archs: list[str],
+        model_spec: ModelSpec,
+        test_x: np.ndarray,
+        test_y: np.ndarray,
+        device: DeviceConfig | None = None,
     ):
         self.archs, self.model_spec = archs, model_spec
         self.test_x, self.test_y = test_x, test_y
+        self.device = device or DeviceConfig()
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> dict[str, float]:
         models = unpack_models(arrays)
@@ -33,7 +40,7 @@ class ServerTestScore:
         for arch in self.archs:
             model = create_model(arch, self.model_spec)
             load_numpy_state(model, models[arch])
-            scores[arch] = round(evaluate(model, self.test_x, self.test_y)[1], 4)
+            scores[arch] = round(evaluate(model, self.test_x, self.test_y, self.device)[1], 4)
         return scores
 
 

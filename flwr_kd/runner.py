@@ -67,9 +67,10 @@ def local_only_baseline(
                 batch_size=cfg.batch_size,
                 lr=cfg.lr,
                 seed=cfg.seed * 1000 + pid,
+                **cfg.device_config.to_config(),
             )
         )
-    outcomes = fanout.map(run_local_train_task, tasks)
+    outcomes = fanout.map_with_progress(run_local_train_task, tasks, "local-only baseline")
     return {
         arch: round(float(np.mean([o.accuracy for o in outcomes if o.arch == arch])), 4)
         for arch in cfg.arch_list

@@ -272,9 +272,9 @@ def test_fused_round_digests_then_revisits_then_replies_and_keeps_the_model_in_t
         events.append(("revisit", state_to_numpy(model)))
         return out
 
-    def predict_logits_(model, x):
+    def predict_logits_(model, x, *args):
         events.append(("logits", state_to_numpy(model)))
-        return real["predict_logits"](model, x)
+        return real["predict_logits"](model, x, *args)
 
     def finetune(model, *args, **kwargs):
         events.append(("finetune",))

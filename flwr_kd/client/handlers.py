@@ -10,7 +10,8 @@
 
 The same functions serve the simulation engine and the client Cloud Function. They are plain
 functions of (Message, Context): no state lives in the ClientApp object, which Flower pickles
-with every message in simulation.
+with every message in simulation. Each trains and infers on the device its message's config
+names (`device`, `autocast`: `flwr_kd.configs.DeviceConfig`; "auto" when absent).
 """
 
 from __future__ import annotations
@@ -24,7 +25,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from flwr_kd import protocol
-from flwr_kd.configs import EvaluateConfig, FedMDRoundConfig, MessageHeader, TrainConfig
+from flwr_kd.configs import (
+    DeviceConfig,
+    EvaluateConfig,
+    FedMDRoundConfig,
+    MessageHeader,
+    TrainConfig,
+)
 from flwr_kd.data import DataSpec, load_federated
 from flwr_kd.distill import digest
 from flwr_kd.models import ModelSpec, create_model, load_numpy_state, state_to_numpy
@@ -80,7 +87,12 @@ def resolve_architecture(context: Context, config: ConfigRecord | None = None) -
 
 
 def train_private(
-    model, data: ClientData, epochs: int, settings: TrainConfig | FedMDRoundConfig, seed: int
+    model,
+    data: ClientData,
+    epochs: int,
+    settings: TrainConfig | FedMDRoundConfig,
+    seed: int,
+    device: DeviceConfig,
 ) -> float:
     """Train on the node's private training part at the message's batch size and lr (a
     `train` message, FedMD's revisit); returns the last epoch's mean loss."""
@@ -92,6 +104,7 @@ def train_private(
         batch_size=settings.batch_size,
         lr=settings.lr,
         seed=seed,
+        device=device,
     )
 
 
@@ -138,12 +151,12 @@ class KDClient:
 
     def train(self, message: Message, context: Context) -> Message:
         config = message.content[protocol.CONFIG]
-        settings = TrainConfig.from_config(config)
+        settings, device = TrainConfig.from_config(config), DeviceConfig.from_config(config)
         data = self.load_data(context, config)
         arch, model = self._model(message, context, data, settings)
         t0 = time.perf_counter()
         seed = settings.server_round * 100_000 + node_seed(context)
-        loss = train_private(model, data, settings.local_epochs, settings, seed)
+        loss = train_private(model, data, settings.local_epochs, settings, seed, device)
         metrics = {
             "num-examples": len(data.train_x),
             "train-loss": loss,
@@ -156,7 +169,7 @@ class KDClient:
         if protocol.PUBLIC in message.content:
             t1 = time.perf_counter()
             x = message.content[protocol.PUBLIC]["x"].numpy()
-            logits = predict_logits(model, x).astype(np.dtype(settings.logits_dtype))
+            logits = predict_logits(model, x, device).astype(np.dtype(settings.logits_dtype))
             records[protocol.LOGITS] = ArrayRecord({"logits": Array(logits)})
             metrics["logits-seconds"] = time.perf_counter() - t1
         records[protocol.METRICS] = MetricRecord(metrics)
@@ -167,7 +180,8 @@ class KDClient:
         data = self.load_data(context, config)
         sent = EvaluateConfig.from_config(config)
         arch, model = self._model(message, context, data, sent)
-        loss, acc = evaluate(model, data.holdout_x, data.holdout_y)
+        device = DeviceConfig.from_config(config)
+        loss, acc = evaluate(model, data.holdout_x, data.holdout_y, device)
         return reply(
             message,
             **{
@@ -187,7 +201,7 @@ class KDClient:
         named by `state-uri`, under this node's id.
         """
         config = message.content[protocol.CONFIG]
-        settings = FedMDRoundConfig.from_config(config)
+        settings, device = FedMDRoundConfig.from_config(config), DeviceConfig.from_config(config)
         data = self.load_data(context, config)
         arch = resolve_architecture(context, config)
         if settings.arch and settings.arch != arch:
@@ -211,6 +225,7 @@ class KDClient:
                 seed=seed,
                 batch_size=settings.batch_size,
                 lr=settings.lr,
+                device=device,
             )
             timings["finetune-seconds"] = time.perf_counter() - t
         else:
@@ -222,20 +237,27 @@ class KDClient:
             load_numpy_state(model, state)
             consensus = message.content[protocol.CONSENSUS]
             public = self._public(consensus["indices"].numpy(), data)
-            digest(model, public, consensus["logits"].numpy(), config=settings, seed=seed)
+            digest(
+                model,
+                public,
+                consensus["logits"].numpy(),
+                config=settings,
+                seed=seed,
+                device=device,
+            )
             timings["digest-seconds"] = time.perf_counter() - t
             t = time.perf_counter()
-            train_private(model, data, settings.revisit_epochs, settings, seed + 1)
+            train_private(model, data, settings.revisit_epochs, settings, seed + 1, device)
             timings["revisit-seconds"] = time.perf_counter() - t
         store.save(key, state_to_numpy(model))
         t = time.perf_counter()
         indices = message.content[protocol.PUBLIC]["indices"].numpy()
-        logits = predict_logits(model, self._public(indices, data))
+        logits = predict_logits(model, self._public(indices, data), device)
         logits = logits.astype(np.dtype(settings.logits_dtype))
         timings["logits-seconds"] = time.perf_counter() - t
         metrics = {"num-examples": len(data.train_x), **timings}
         if data.test_x is not None:
-            metrics["test-accuracy"] = evaluate(model, data.test_x, data.test_y)[1]
+            metrics["test-accuracy"] = evaluate(model, data.test_x, data.test_y, device)[1]
         return reply(
             message,
             **{

@@ -17,6 +17,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from flwr_kd.data import FederatedData, load_federated
 from flwr_kd.experiment import ExperimentConfig
+from flwr_kd.progress import progress_bar
 from flwr_kd.records import record_to_state, state_to_record
 from flwr_kd.runner import RuntimeHooks, run_experiment
 from flwr_kd.serverless import names
@@ -46,7 +47,8 @@ def upload_client_data(
     public_name, test_name = names.public_objects(fingerprint)
     put_once(store, public_name, {"x": data.public_x, "y": data.public_y})
     put_once(store, test_name, {"x": data.test_x, "y": data.test_y})
-    for pid, endpoint in enumerate(deployment.clients):
+    clients = list(enumerate(deployment.clients))
+    for pid, endpoint in progress_bar(clients, "upload client data", unit="client"):
         train_x, train_y, hold_x, hold_y = data.client_data(pid)
         put_once(
             store,

@@ -18,7 +18,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.common.logger import log
 
 from flwr_kd import protocol
-from flwr_kd.configs import DistillConfig, TrainConfig
+from flwr_kd.configs import DeviceConfig, DistillConfig, TrainConfig
 from flwr_kd.distill import average_logits
 from flwr_kd.fanout import FanOut
 from flwr_kd.models import ModelSpec
@@ -57,6 +57,9 @@ class FedDF(HeteroFedAvg):
     fanout : FanOut, optional (default: None)
         Executor of the per-architecture distillation tasks; None means a process pool that
         this strategy creates and `close()` shuts down when `start()` returns.
+    device : DeviceConfig or str (default: "auto")
+        Where distillation runs: "auto" (cuda, then mps, then cpu), "cpu", "cuda", "cuda:N",
+        "mps", or a `DeviceConfig` that also sets autocast. Clients use the run config's.
     **kwargs
         `HeteroFedAvg`'s parameters: `fraction_train`, `min_train_nodes`,
         `fraction_evaluate`, `min_evaluate_nodes`, `min_available_nodes`, `min_replies`,
@@ -75,6 +78,7 @@ class FedDF(HeteroFedAvg):
         teacher: str = "clients",
         logits_dtype: str = TrainConfig.logits_dtype,
         fanout: FanOut | None = None,
+        device: DeviceConfig | str = "auto",
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -90,6 +94,7 @@ class FedDF(HeteroFedAvg):
         self.teacher = teacher
         self.logits_dtype = logits_dtype
         self.use_fanout(fanout)
+        self.device = DeviceConfig.of(device)
         self._subset = self.public_x[:0]
 
     def round_payload(self, server_round: int, config: ConfigRecord) -> dict[str, ArrayRecord]:
@@ -131,10 +136,12 @@ class FedDF(HeteroFedAvg):
                 teacher_logits=teacher,
                 teacher_models=[] if teacher is not None else [(r.arch, r.state) for r in replies],
                 seed=self.seed * 1000 + server_round,
+                **self.device.to_config(),
             )
             for arch, state in models.items()
         ]
-        outcomes = self.fanout.map(run_distill_task, tasks)
+        label = f"distillation, round {server_round}"
+        outcomes = self.fanout.map_with_progress(run_distill_task, tasks, label)
         stats = self.stats[server_round]
         for o in outcomes:
             stats.distill[o.arch] = {

@@ -24,7 +24,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from flwr_kd import protocol
-from flwr_kd.configs import FedMDRoundConfig, PretrainConfig
+from flwr_kd.configs import DeviceConfig, FedMDRoundConfig, PretrainConfig
 from flwr_kd.distill import DIGEST_LOSSES
 from flwr_kd.fanout import FanOut
 from flwr_kd.models import ModelSpec
@@ -98,6 +98,8 @@ class FedMD(KDStrategy):
         Also time transfer learning once per client (the seed system's way), for the record.
     seed : int (default: 0)
         Seeds the public subsets and, by default, transfer learning.
+    device : DeviceConfig or str (default: "auto")
+        Where transfer learning runs (as FedDF's `device`); clients use the run config's.
     """
 
     def __init__(
@@ -127,12 +129,12 @@ class FedMD(KDStrategy):
         fanout: FanOut | None = None,
         measure_pretrain_per_client: bool = False,
         seed: int = 0,
+        device: DeviceConfig | str = "auto",
     ) -> None:
         check_choice("digest_loss", digest_loss, DIGEST_LOSSES)
         check_choice("logits_dtype", logits_dtype, LOGITS_DTYPES)
         check_min_replies(min_replies)
-        self.public_x, self.public_y = public_x, public_y
-        self.val_x, self.val_y = val_x, val_y
+        self.public_x, self.public_y, self.val_x, self.val_y = public_x, public_y, val_x, val_y
         self.model_spec = model_spec
         self.state_uri = state_uri
         self.subset_size = min(subset_size or len(public_x), len(public_x))
@@ -150,11 +152,11 @@ class FedMD(KDStrategy):
             lr=lr,
             logits_dtype=logits_dtype,
         )
-        self.pretrain = pretrain or PretrainConfig(seed=seed)
-        self.cache_dir = cache_dir
+        self.pretrain, self.cache_dir = pretrain or PretrainConfig(seed=seed), cache_dir
         self.min_replies = min_replies
         self.nodes = ArchitectureRegistry(min_available_nodes)
         self.use_fanout(fanout)
+        self.device = DeviceConfig.of(device)
         self.measure_pretrain_per_client = measure_pretrain_per_client
         self.seed = seed
         self.stats: dict[int, RoundStats] = {}
@@ -194,6 +196,7 @@ class FedMD(KDStrategy):
             self.fanout,
             self.cache_dir,
             self.measure_pretrain_per_client,
+            self.device,
         )
         return weights
 
