@@ -14,9 +14,8 @@ import numpy as np
 from flwr.app import ArrayRecord, MetricRecord
 
 from flwr_kd.configs import DeviceConfig
-from flwr_kd.models import ModelSpec, create_model, load_numpy_state
-from flwr_kd.records import unpack_models
-from flwr_kd.training import evaluate
+from flwr_kd.evaluation import score_models
+from flwr_kd.models import ModelSpec
 
 
 class ServerTestScore:
@@ -35,13 +34,10 @@ class ServerTestScore:
         self.device = device or DeviceConfig()
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> dict[str, float]:
-        models = unpack_models(arrays)
-        scores = {}
-        for arch in self.archs:
-            model = create_model(arch, self.model_spec)
-            load_numpy_state(model, models[arch])
-            scores[arch] = round(evaluate(model, self.test_x, self.test_y, self.device)[1], 4)
-        return scores
+        scores = score_models(
+            arrays, self.test_x, self.test_y, self.model_spec, self.archs, self.device
+        )
+        return {arch: round(accuracy, 4) for arch, (_, accuracy) in scores.items()}
 
 
 class RoundRecorder:

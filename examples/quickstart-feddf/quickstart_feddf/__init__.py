@@ -1,0 +1,1 @@
+"""quickstart-feddf: FedDF across ResNet, MobileNetV3 and ViT clients, as a Flower app."""
