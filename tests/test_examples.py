@@ -5,8 +5,8 @@
   reproduces the accuracy the run reported;
 - `examples/quickstart-fedmd/` on the in-process grid;
 - `examples/serverless/`: its tfvars through the module's own validations (Terraform, without
-  provider), its commands through flwr-kd's argument parser, and (opt-in, `FLWR_KD_SLOW_TESTS=1`:
-  about 90 s of CPU) its end-to-end script against the emulated stack;
+  provider), its commands through flwr-kd's argument parser, and its end-to-end script against the
+  emulated stack (about 90 s of CPU);
 - `save_models` / `load_models` / `make_evaluate_fn`.
 """
 
@@ -401,9 +401,6 @@ def test_serverless_commands_are_ones_flwr_kd_accepts():
         _parser().parse_args(argv)
 
 
-@pytest.mark.skipif(
-    os.environ.get("FLWR_KD_SLOW_TESTS") != "1", reason="about 90 s of CPU: FLWR_KD_SLOW_TESTS=1"
-)
 def test_serverless_example_runs_end_to_end_on_the_emulated_stack(tmp_path):
     out = tmp_path / "out"
     argv = [SERVERLESS / "run_emulated.sh", str(out), "--clients", "3", "--archs", ",".join(ARCHS)]
