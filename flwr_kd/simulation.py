@@ -1,33 +1,69 @@
-"""Local simulation on Flower's Simulation Engine (Ray), contained and quiet."""
+"""Local simulation: the experiment as a Flower app, run by `flwr run` on a private SuperLink.
+
+Flower's `run_simulation` is deprecated; what Flower supports going forward is `flwr run`
+against a SuperLink started with `--simulation` (its Simulation Engine, on Ray).
+`simulate()` writes a one-off app whose components are flwr-kd's own
+(`flwr_kd.server_app:simulation_app`, `flwr_kd.client.app:app`) and whose run config is the
+experiment, runs it on a `LocalSuperLink` of its own, echoes the ServerApp's report as it is
+printed, and returns the result that the ServerApp hands back (`flwr_kd.handoff`): an
+exception in the ServerApp is raised here, so the CLI's errors and exit codes are unchanged.
+"""
 
 from __future__ import annotations
 
-import logging
 import os
+import shutil
+import sys
 import tempfile
+import time
 from pathlib import Path
 
-from flwr.app import Context
-from flwr.serverapp import Grid, ServerApp
+import tomli_w
 
 from flwr_kd.experiment import ConfigError, ExperimentConfig
 from flwr_kd.faults import SERVERLESS_ONLY, parse_kinds
-from flwr_kd.runner import run_experiment
-
-
-def _contain_runtime() -> None:
-    """Keep Flower and Ray files out of the user's home and their telemetry off."""
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    tmp = Path(tempfile.gettempdir())
-    os.environ.setdefault("FLWR_HOME", str(tmp / "flwr-kd-home"))
-    os.environ.setdefault("RAY_TMPDIR", str(tmp / "flwr-kd-ray"))
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    Path(os.environ["RAY_TMPDIR"]).mkdir(parents=True, exist_ok=True)
+from flwr_kd.handoff import HANDOFF_KEY, Handoff
+from flwr_kd.superlink import LocalSuperLink, SuperLinkError
 
 
 def simulate(cfg: ExperimentConfig, verbose: bool = False) -> dict:
-    """Run `cfg` with one simulated SuperNode per client; returns the result dict."""
+    """Run `cfg` with one simulated SuperNode per client; returns the result dict. `verbose`
+    shows Flower's streamed logs of the run instead of the report alone."""
+    _check_supported(cfg)
+    workdir = Path(tempfile.mkdtemp(prefix="flwr-kd-sim-"))
+    keep_logs = False
+    try:
+        handoff = Handoff(workdir / "handoff")
+        handoff.dir.mkdir()
+        if not verbose:
+            handoff.console.touch()
+        app_dir = write_app(workdir / "app", cfg, handoff.dir)
+        with LocalSuperLink(workdir) as link:  # SuperLinkError names its log: kept
+            run = link.run(
+                app_dir,
+                federation_config(cfg, verbose),
+                log_path=None if verbose else workdir / "run.log",
+            )
+            _echo_until_done(run, handoff.console)
+        result = handoff.outcome()
+        if result is None:
+            keep_logs = True
+            raise RuntimeError(
+                "the simulation ended without a result; see the logs in "
+                f"{workdir} or rerun with --verbose"
+            )
+        return result
+    except SuperLinkError:
+        keep_logs = True
+        raise
+    finally:
+        if not keep_logs:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _check_supported(cfg: ExperimentConfig) -> None:
+    """What this runtime cannot do (serverless-only faults, a fraction of a CPU per client),
+    refused before anything starts."""
     unsupported = (
         [k for k in parse_kinds(cfg.fail_kinds) if k in SERVERLESS_ONLY] if cfg.fail_rate else []
     )
@@ -36,33 +72,67 @@ def simulate(cfg: ExperimentConfig, verbose: bool = False) -> dict:
             f"fault kind(s) {', '.join(unsupported)} need the serverless runtime"
             " (flwr-kd cloud emulate)"
         )
-    _contain_runtime()
-    from flwr.simulation import run_simulation
+    if cfg.client_num_cpus < 1 or not float(cfg.client_num_cpus).is_integer():
+        raise ConfigError(
+            "client-num-cpus must be a whole number of CPUs (Flower's federation config), "
+            f"got {cfg.client_num_cpus}"
+        )
 
-    from flwr_kd.client.app import app as client_app
 
-    holder: dict = {}
-    server = ServerApp()
+def federation_config(cfg: ExperimentConfig, verbose: bool) -> dict:
+    """Flower's simulation settings for this run: one SuperNode per client, each client's Ray
+    resources (`client-num-cpus`, `client-num-gpus`), Ray on every core; clients' own output
+    reaches this process only when verbose."""
+    return {
+        "num-supernodes": cfg.num_clients,
+        "client-resources-num-cpus": int(cfg.client_num_cpus),
+        "client-resources-num-gpus": float(cfg.client_num_gpus),
+        "init-args-num-cpus": os.cpu_count() or 1,
+        "init-args-log-to-driver": verbose,
+        "verbose": verbose,
+    }
 
-    @server.main()
-    def _main(grid: Grid, context: Context) -> None:
-        try:
-            holder["result"] = run_experiment(grid, cfg)
-        except Exception as exc:  # noqa: BLE001 - re-raised below, outside Flower's runtime
-            holder["error"] = exc
 
-    logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.WARNING)
-    run_simulation(
-        server_app=server,
-        client_app=client_app,
-        num_supernodes=cfg.num_clients,
-        backend_config={
-            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False},
+def write_app(app_dir: Path, cfg: ExperimentConfig, handoff_dir: Path) -> Path:
+    """A Flower app whose run config is this experiment. (`flwr run` overrides only keys that
+    an app declares, so the app declares them all, with this run's values.)"""
+    app_dir.mkdir(parents=True)
+    app = {
+        "publisher": "flwr-kd",
+        "components": {
+            "serverapp": "flwr_kd.server_app:simulation_app",
+            "clientapp": "flwr_kd.client.app:app",
         },
-    )
-    if "error" in holder:
-        raise holder["error"]
-    if "result" not in holder:
-        raise RuntimeError("the simulation ended without a result; rerun with --verbose to see why")
-    return holder["result"]
+        "config": {**cfg.to_run_config(), HANDOFF_KEY: str(handoff_dir)},
+    }
+    project = {
+        "name": "flwr-kd-simulate",
+        "version": "1.0.0",
+        "description": "One `flwr-kd simulate` run",
+        "license": "Apache-2.0",
+        "dependencies": ["flwr-kd"],
+    }
+    document = {"project": project, "tool": {"flwr": {"app": app}}}
+    (app_dir / "pyproject.toml").write_text(tomli_w.dumps(document))
+    return app_dir
+
+
+def _echo_until_done(run, console: Path, interval: float = 0.2) -> None:
+    """Copy what the ServerApp prints to this process's stdout as it comes, until `run`
+    (the `flwr run --stream` process) ends with the run."""
+    offset = 0
+    while True:
+        done = run.poll() is not None
+        if console.exists():
+            with console.open("rb") as f:
+                f.seek(offset)
+                chunk = f.read()
+            if not done:  # whole lines only while the ServerApp may still be writing
+                chunk = chunk[: chunk.rfind(b"\n") + 1]
+            offset += len(chunk)
+            if chunk:
+                sys.stdout.write(chunk.decode(errors="replace"))
+                sys.stdout.flush()
+        if done:
+            return
+        time.sleep(interval)

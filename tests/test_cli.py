@@ -1,13 +1,17 @@
-"""`flwr-kd simulate`: input errors before anything runs, and one tiny run through Ray."""
+"""`flwr-kd simulate`: input errors before anything runs, and tiny runs through `flwr run` on
+a SuperLink of its own (Ray): the report, the files, quiet output, an error from inside the
+ServerApp as one line, and no process left behind."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
 
+import psutil
 import pytest
 
 from flwr_kd.cli import main
@@ -77,7 +81,39 @@ def contained_runtime(tmp_path, monkeypatch):
     shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-def test_simulate_end_to_end(contained_runtime, capsys):
+def assert_quiet(output: str) -> None:
+    """No deprecation banner (Flower's run_simulation) and no Ray FutureWarning."""
+    assert "DEPRECATED" not in output, output
+    assert "FutureWarning" not in output, output
+
+
+def assert_nothing_left_running() -> None:
+    """No process of the run is alive: every process it started (SuperLink, SuperExec, the
+    simulation process, Ray's processes and workers) inherited this test's RAY_TMPDIR, even
+    those whose parent exited; and no Flower or Ray process is left below this one."""
+    ray_tmp = os.environ["RAY_TMPDIR"]
+    assert (Path(ray_tmp) / "ray").is_dir()  # Ray ran with it: its processes carried it
+    left = []
+    for proc in psutil.process_iter(["pid", "name", "environ", "status"]):
+        info = proc.info
+        if info["pid"] == os.getpid() or info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        if (info["environ"] or {}).get("RAY_TMPDIR") == ray_tmp:
+            left.append(f"{info['pid']} {info['name']}")
+    children = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            command = " ".join(child.cmdline())
+            if child.status() != psutil.STATUS_ZOMBIE and any(
+                n in command for n in ("flower-", "flwr", "ray", "gcs_server")
+            ):
+                children.append(f"{child.pid} {command[:80]}")
+        except psutil.NoSuchProcess:
+            continue
+    assert left == [] and children == [], (left, children)
+
+
+def test_simulate_end_to_end(contained_runtime, capfd):
     out = contained_runtime / "out"
     archs = ["resnet10t", "test_vit"]
     code = main(
@@ -92,8 +128,10 @@ def test_simulate_end_to_end(contained_runtime, capsys):
         ]
     )  # fmt: skip
     assert code == 0
-    stdout = capsys.readouterr().out
-    assert "final test accuracy" in stdout
+    captured = capfd.readouterr()  # file descriptors: what Flower's and Ray's processes print too
+    assert "final test accuracy" in captured.out
+    assert_quiet(captured.out + captured.err)
+    assert_nothing_left_running()
 
     result = json.loads((out / "result.json").read_text())
     assert result["config"]["num-clients"] == 3 and result["config"]["strategy"] == "feddf"
@@ -117,3 +155,29 @@ def test_simulate_end_to_end(contained_runtime, capsys):
     assert sorted(p.name for p in out.iterdir()) == ["accuracy.png", "final_models", "result.json"]
     final_models = sorted(p.name for p in (out / "final_models").iterdir())
     assert final_models == ["models.json", "resnet10t.safetensors", "test_vit.safetensors"]
+
+
+def test_an_error_inside_the_server_app_is_one_line_exit_1(contained_runtime, capfd):
+    """TooFewReplies raised by the strategy in Flower's simulation process: the CLI's one-line
+    error and exit code 1, as when the ServerApp ran in this process, and nothing left."""
+    code = main(
+        [
+            "simulate",
+            "--clients", "2",
+            "--rounds", "1",
+            "--archs", "resnet10t",
+            "--local-epochs", "1",
+            "--fail-rate", "1",
+            "--fail-kinds", "exception",
+            "--no-baseline",
+            "--out", str(contained_runtime / "out"),
+        ]
+    )  # fmt: skip
+    captured = capfd.readouterr()
+    assert code == 1
+    err = captured.err.strip()
+    assert err.startswith("flwr-kd: error: round 1: 0 valid replies, fewer than min_replies=2")
+    assert "\n" not in err, err
+    assert "Traceback" not in captured.out + captured.err
+    assert_quiet(captured.out + captured.err)
+    assert_nothing_left_running()
