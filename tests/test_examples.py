@@ -19,12 +19,9 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +34,7 @@ from inprocess_grid import RUN_ID, InProcessGrid, node_id_of
 from flwr_kd import load_models, make_evaluate_fn, protocol, save_models
 from flwr_kd.models import ModelSpec, create_model, load_numpy_state, state_to_numpy
 from flwr_kd.records import pack_models, unpack_models
+from flwr_kd.superlink import CONNECTION, LocalSuperLink
 
 try:
     import tomllib
@@ -70,12 +68,6 @@ def import_example(example: Path, module: str, monkeypatch):
 # ------------------------------------------------------------------ quickstart-feddf: flwr run
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def stop_tree(pid: int) -> None:
     """Stop a process and every process below it (SuperExec, simulation, Ray), by PID."""
     try:
@@ -93,34 +85,6 @@ def stop_tree(pid: int) -> None:
     psutil.wait_procs(alive, timeout=5)
 
 
-@contextlib.contextmanager
-def local_superlink(env: dict, home: Path, port: int):
-    """The SuperLink that `flwr run` starts for its `local` connection (same arguments), started
-    here instead, so that it is waited for patiently (flwr gives it 15 s and probes it with a
-    0.4 s timeout: too little on 2 busy cores) and stopped, with what it spawned, by PID (Flower
-    leaves it running after the run)."""
-    home.mkdir(parents=True, exist_ok=True)
-    cmd = [BIN / "flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess"]
-    cmd += ["--host", "127.0.0.1", "--port", str(port), "--database", str(home / "state.db")]
-    cmd += ["--log-file", str(home / "superlink.log")]
-    proc = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, (home / "superlink.log").read_text()
-            url = f"http://127.0.0.1:{port}/health"
-            with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1) as r:
-                if r.status == 200:
-                    break
-            assert time.monotonic() < deadline, "the SuperLink did not become healthy"
-            time.sleep(0.5)
-        yield proc
-    finally:
-        stop_tree(proc.pid)
-
-
 FEDDF_RUN = {
     "num-server-rounds": 2,
     "local-epochs": 1,
@@ -136,26 +100,18 @@ def feddf_flwr_run(tmp_path_factory):
     README says; returns (out dir, flwr's output)."""
     tmp = tmp_path_factory.mktemp("feddf-flwr-run")
     ray_tmp = Path(tempfile.mkdtemp(prefix="fkd-ray-"))  # Ray's socket paths must stay short
-    port = free_port()
-    env = {
-        **os.environ,
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        "FLWR_HOME": str(tmp / "flwr-home"),
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "RAY_TMPDIR": str(ray_tmp),
-        "RAY_USAGE_STATS_ENABLED": "0",
-        # one torch thread per process: tiny models on a busy 2-core machine ran rounds ten
-        # times slower with two threads each (the ServerApp's and every ClientAppActor's)
-        "OMP_NUM_THREADS": "1",
-        "CUDA_VISIBLE_DEVICES": "",  # scored on the CPU, as the plain-timm check below scores
-    }
-    # The SuperLink connection `flwr run` submits to: ours, by its address (flwr neither
-    # probes nor starts a SuperLink it is given the address of), in place of `local`.
-    (tmp / "flwr-home").mkdir()
-    (tmp / "flwr-home" / "config.toml").write_text(
-        f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{port}"\n'
-        "insecure = true\n"
+    # flwr-kd's own SuperLink (what `flwr-kd simulate` uses): waited for patiently (flwr gives
+    # its `local` one 15 s and a 0.4 s probe: too little on 2 busy cores), reached by address
+    # through the connection it writes in FLWR_HOME, and stopped with all it spawned, by PID.
+    link = LocalSuperLink(tmp / "superlink")
+    link.env.update(
+        {
+            "RAY_TMPDIR": str(ray_tmp),
+            # one torch thread per process: tiny models on a busy 2-core machine ran rounds ten
+            # times slower with two threads each (the ServerApp's and every ClientAppActor's)
+            "OMP_NUM_THREADS": "1",
+            "CUDA_VISIBLE_DEVICES": "",  # scored on the CPU, as the plain-timm check scores
+        }
     )
     out = tmp / "out"
     overrides = tmp / "overrides.toml"
@@ -163,11 +119,12 @@ def feddf_flwr_run(tmp_path_factory):
         "".join(f"{k} = {json.dumps(v)}\n" for k, v in {**FEDDF_RUN, "out-dir": str(out)}.items())
     )
     try:
-        with local_superlink(env, tmp / "flwr-home" / "local-superlink", port):
+        with link:
             proc = subprocess.run(
-                [BIN / "flwr", "run", str(FEDDF), "test", "--federation-config", "num-supernodes=3"]
+                [BIN / "flwr", "run", str(FEDDF), CONNECTION]
+                + ["--federation-config", "num-supernodes=3"]
                 + ["--run-config", str(overrides), "--stream"],
-                env=env,
+                env=link.env,
                 cwd=tmp,
                 capture_output=True,
                 check=False,
