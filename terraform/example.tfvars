@@ -3,8 +3,9 @@ project     = "my-flwr-kd-project"
 region      = "europe-west1"
 name_prefix = "flwr-kd"
 
-# Three clients of three architectures; each client's private data is uploaded by the driver
-# under clients/<id>/data/ in the arrays bucket.
+# Isolated mode (the default): three clients of three architectures, each with its own function,
+# service account and managed folder clients/<id>/ in the arrays bucket, where the driver
+# uploads its private data (clients/<id>/data/). example-pooled.tfvars: the pooled mode.
 clients = {
   alice = { architecture = "resnet10t" }
   bob   = { architecture = "mobilenetv3_small_050" }

@@ -1,101 +1,42 @@
-# Who may do what. Every member is one of this module's service accounts, a principal listed in
-# var.driver_impersonators, or Google's storage-log writer group; nothing is public.
+# Who may do what: everything below is generated from locals.tf (local.storage_grants,
+# local.firestore_identities, local.services[*].invokers), the description the emulated stack
+# enforces too. Every member is one of this module's service accounts (local.members) or a
+# principal listed in var.driver_impersonators; nothing is public.
 #
-# Arrays bucket (conditions: locals.tf):
-#   driver      read/write/delete everything (it uploads data and drives the runs)
-#   client <id> read  public/, its data prefix, runs/*/rounds/*/messages/<id>/
-#               read, replace clients/<id>/state/ (its FedMD model, replaced in place with a
-#                     generation precondition: replacing needs delete, hence objectUser)
-#               create runs/*/rounds/*/clients/<id>/ (create-only: objectCreator can neither
-#                     overwrite nor delete)
-#   aggregators read  public/, runs/*/rounds/*/clients/ (logits, weights),
-#                     runs/*/rounds/*/aggregators/ (task inputs)
-#               create runs/*/rounds/*/aggregators/ (students)
-# Object-name conditions do not apply to listing (its resource is the bucket), so the functions
-# can read and create the objects they are given names of, and list nothing.
+# Arrays bucket: no IAM conditions. The driver holds objectUser on the bucket; every other grant
+# is on a managed folder (storage.tf), whose IAM policy applies to the objects under its path:
+#   public/                    objectViewer: aggregator, every client, every pool
+#   clients/<id>/              objectViewer: client <id> (its data and inbox)
+#   clients/<id>/state/        objectUser: client <id> (replaced in place)
+#   clients/<id>/outbox/       objectCreator: client <id> (create-only); objectViewer: aggregator
+#   pools/<slug>/              objectUser: pool <slug>; objectViewer: aggregator
+#   aggregators/               objectViewer + objectCreator: aggregator
+#   runs/                      the driver only (bucket-level)
 
-resource "google_storage_bucket_iam_member" "driver_arrays" {
-  bucket = google_storage_bucket.arrays.name
-  role   = "roles/storage.objectUser"
-  member = google_service_account.driver.member
-}
-
-resource "google_storage_bucket_iam_member" "client_read" {
-  for_each = var.clients
+resource "google_storage_bucket_iam_member" "arrays" {
+  for_each = { for g in local.storage_grants : "${g.role} ${g.identity}" => g if g.folder == "" }
 
   bucket = google_storage_bucket.arrays.name
-  role   = "roles/storage.objectViewer"
-  member = google_service_account.client[each.key].member
-
-  condition {
-    title       = "client-${each.key}-read"
-    description = "Public data, its own private data, and message payloads."
-    expression  = local.client_read_condition[each.key]
-  }
+  role   = each.value.role
+  member = local.members[each.value.identity]
 }
 
-resource "google_storage_bucket_iam_member" "client_state" {
-  for_each = var.clients
+resource "google_storage_managed_folder_iam_member" "arrays" {
+  for_each = { for g in local.storage_grants : "${g.folder} ${g.role} ${g.identity}" => g if g.folder != "" }
 
-  bucket = google_storage_bucket.arrays.name
-  role   = "roles/storage.objectUser"
-  member = google_service_account.client[each.key].member
-
-  condition {
-    title       = "client-${each.key}-state"
-    description = "Its own state between rounds, replaced in place."
-    expression  = local.client_state_condition[each.key]
-  }
+  bucket         = google_storage_bucket.arrays.name
+  managed_folder = local.managed_folder_names[each.value.folder]
+  role           = each.value.role
+  member         = local.members[each.value.identity]
 }
 
-resource "google_storage_bucket_iam_member" "client_write" {
-  for_each = var.clients
-
-  bucket = google_storage_bucket.arrays.name
-  role   = "roles/storage.objectCreator"
-  member = google_service_account.client[each.key].member
-
-  condition {
-    title       = "client-${each.key}-write"
-    description = "Only its own outputs of each round, create-only."
-    expression  = local.client_write_condition[each.key]
-  }
-}
-
-resource "google_storage_bucket_iam_member" "aggregator_read" {
-  bucket = google_storage_bucket.arrays.name
-  role   = "roles/storage.objectViewer"
-  member = google_service_account.aggregator.member
-
-  condition {
-    title       = "aggregator-read"
-    description = "Public data, clients' logits and weights, and aggregation tasks."
-    expression  = local.aggregator_read_condition
-  }
-}
-
-resource "google_storage_bucket_iam_member" "aggregator_write" {
-  bucket = google_storage_bucket.arrays.name
-  role   = "roles/storage.objectCreator"
-  member = google_service_account.aggregator.member
-
-  condition {
-    title       = "aggregator-write"
-    description = "Only aggregation outputs (student models)."
-    expression  = local.aggregator_write_condition
-  }
-}
-
-# Firestore: the driver and the functions read and write run metadata, in this database only.
+# Firestore: only the driver reads and writes run metadata, in this database only.
 resource "google_project_iam_member" "firestore_user" {
-  for_each = merge(
-    { driver = google_service_account.driver.member, aggregator = google_service_account.aggregator.member },
-    { for id in keys(var.clients) : "client-${id}" => google_service_account.client[id].member },
-  )
+  for_each = toset(local.firestore_identities)
 
   project = var.project
   role    = "roles/datastore.user"
-  member  = each.value
+  member  = local.members[each.key]
 
   condition {
     title       = "firestore-${var.firestore_database}-only"
@@ -104,26 +45,34 @@ resource "google_project_iam_member" "firestore_user" {
   }
 }
 
-# Invocation: only the driver. Gen2 functions are Cloud Run services; roles/run.invoker on each
-# service is what authorizes a call (Cloud Run rejects every unauthenticated request).
-resource "google_cloud_run_v2_service_iam_member" "client_invoker" {
-  for_each = var.clients
+# Project-level read access the driver needs for its readiness check (local.project_roles).
+resource "google_project_iam_member" "project_roles" {
+  for_each = {
+    for pair in flatten([
+      for who, roles in local.project_roles : [for role in roles : { identity = who, role = role }]
+    ]) : "${pair.role} ${pair.identity}" => pair
+  }
 
-  project  = var.project
-  location = var.region
-  name     = google_cloudfunctions2_function.client[each.key].name
-  role     = "roles/run.invoker"
-  member   = google_service_account.driver.member
+  project = var.project
+  role    = each.value.role
+  member  = local.members[each.value.identity]
 }
 
-resource "google_cloud_run_v2_service_iam_member" "aggregator_invoker" {
-  for_each = toset(var.architectures)
+# Invocation: gen2 functions are Cloud Run services, and roles/run.invoker on a service is what
+# authorizes a call (Cloud Run rejects every unauthenticated request). local.services names the
+# invokers of each service: the driver, and nobody else.
+resource "google_cloud_run_v2_service_iam_member" "invoker" {
+  for_each = {
+    for pair in flatten([
+      for name, s in local.services : [for who in s.invokers : { service = name, identity = who }]
+    ]) : "${pair.service} ${pair.identity}" => pair
+  }
 
   project  = var.project
   location = var.region
-  name     = google_cloudfunctions2_function.aggregator[each.key].name
+  name     = local.deployed_services[each.value.service]
   role     = "roles/run.invoker"
-  member   = google_service_account.driver.member
+  member   = local.members[each.value.identity]
 }
 
 # People (or a CI identity) who run the driver act as its service account: they may mint its

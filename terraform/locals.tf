@@ -1,17 +1,164 @@
-# Only variables here (no resource attributes): tests/test_terraform.py evaluates this file with
-# variables.tf and example.tfvars, without any provider.
+# The deployment's description, from variables only (no resource attributes): who exists, which
+# managed folder grants whom what, who may use Firestore, and which services run. iam.tf,
+# functions.tf, services.tf and outputs.tf build from it, and the emulated stack applies the same
+# values (flwr_kd/serverless/policy.py evaluates variables.tf + locals.tf with the terraform
+# binary, without any provider, as tests/test_terraform.py does).
 locals {
-  # Function names become Cloud Run service names: lowercase letters, digits and '-'.
+  isolated = var.deployment_mode == "isolated"
+
+  # Service names are Cloud Run service names: lowercase letters, digits and '-'.
   arch_slug = {
     for a in var.architectures : a => trim(replace(lower(a), "/[^a-z0-9]+/", "-"), "-")
   }
 
-  # Per client: its private data prefix in the arrays bucket (docs/serverless.md).
-  client_data_prefix = {
-    for id, c in var.clients : id => coalesce(c.data_prefix, "clients/${id}/data/")
+  # Client id -> architecture. Pooled: client-<i> has architectures[i % n], the architecture
+  # flwr_kd's ExperimentConfig.arch_of_partition gives partition i.
+  client_arch = local.isolated ? { for id, c in var.clients : id => c.architecture } : {
+    for i in range(var.pool_clients) : "client-${i}" => var.architectures[i % length(var.architectures)]
   }
 
-  # Deterministic bucket names (known at plan time, so IAM conditions show in the plan).
+  # Pooled: one pool per architecture, slug => architecture.
+  pools = local.isolated ? {} : { for a in var.architectures : local.arch_slug[a] => a }
+
+  # Each client's root in the arrays bucket (flwr_kd.serverless.names.client_root): its data/,
+  # inbox/, state/ and outbox/ lie under it.
+  client_roots = {
+    for id, a in local.client_arch :
+    id => local.isolated ? "clients/${id}/" : "pools/${local.arch_slug[a]}/clients/${id}/"
+  }
+  client_data_prefix = {
+    for id, root in local.client_roots : id => coalesce(try(var.clients[id].data_prefix, null), "${root}data/")
+  }
+
+  # ---------------------------------------------------------------- identities
+  # Identity key => service account id (6-30 characters). A pool's id is <prefix>-p-<slug>, or,
+  # where that is longer than 30 characters, the slug cut short plus 4 hex digits of its SHA-256
+  # (mobilenetv3_small_050 with prefix flwr-kd: flwr-kd-p-mobilenetv3-s-<hash>).
+  pool_account_id = {
+    for slug in keys(local.pools) : slug => (
+      length("${var.name_prefix}-p-${slug}") <= 30 ? "${var.name_prefix}-p-${slug}" : format(
+        "%s-p-%s-%s", var.name_prefix, trim(substr(slug, 0, 22 - length(var.name_prefix)), "-"), substr(sha256(slug), 0, 4)
+      )
+    )
+  }
+  account_ids = merge(
+    { driver = "${var.name_prefix}-driver", aggregator = "${var.name_prefix}-aggregator" },
+    { for id in keys(local.isolated ? var.clients : {}) : "client:${id}" => "${var.name_prefix}-c-${id}" },
+    { for slug, account in local.pool_account_id : "pool:${slug}" => account },
+  )
+  # Identity key => e-mail: driver, aggregator, client:<id> (isolated), pool:<slug> (pooled).
+  identities = {
+    for key, account in local.account_ids : key => "${account}@${var.project}.iam.gserviceaccount.com"
+  }
+  client_identities = [for key in keys(local.identities) : key if startswith(key, "client:")]
+  pool_identities   = [for key in keys(local.identities) : key if startswith(key, "pool:")]
+
+  # ---------------------------------------------------------------- Cloud Storage
+  # Who may do what in the arrays bucket (docs/deploy.md, "Who may do what"): one grant per
+  # (managed folder, role, identity); folder "" is the bucket. Managed folders carry IAM policies
+  # of their own, so no grant needs an IAM condition and no policy grows with the client count
+  # except public/'s, which holds one principal per client (1,500 allowed). Role permissions:
+  # objectViewer get + list; objectCreator create only (no overwrite: that needs delete);
+  # objectUser get, list, create, update, delete.
+  viewer  = "roles/storage.objectViewer"
+  creator = "roles/storage.objectCreator"
+  user    = "roles/storage.objectUser"
+  storage_grants = concat(
+    # The driver uploads data, writes messages and tasks, reads replies, and alone uses runs/.
+    [{ folder = "", role = local.user, identity = "driver" }],
+    [
+      for key in concat(["aggregator"], local.client_identities, local.pool_identities) :
+      { folder = "public/", role = local.viewer, identity = key }
+    ],
+    flatten([
+      for key in local.client_identities : [
+        # Its root: private data and the driver's messages (inbox/); nothing of other clients.
+        { folder = local.client_roots[trimprefix(key, "client:")], role = local.viewer, identity = key },
+        # Its state between rounds, replaced in place.
+        { folder = "${local.client_roots[trimprefix(key, "client:")]}state/", role = local.user, identity = key },
+        # Replies and call records: created once, never overwritten; aggregators read them.
+        { folder = "${local.client_roots[trimprefix(key, "client:")]}outbox/", role = local.creator, identity = key },
+        { folder = "${local.client_roots[trimprefix(key, "client:")]}outbox/", role = local.viewer, identity = "aggregator" },
+      ]
+    ]),
+    flatten([
+      for key in local.pool_identities : [
+        # A pool serves all its clients: their roots lie under its own folder.
+        { folder = "pools/${trimprefix(key, "pool:")}/", role = local.user, identity = key },
+        { folder = "pools/${trimprefix(key, "pool:")}/", role = local.viewer, identity = "aggregator" },
+      ]
+    ]),
+    # Aggregation tasks (the driver writes them) and results with their call records.
+    [
+      { folder = "aggregators/", role = local.viewer, identity = "aggregator" },
+      { folder = "aggregators/", role = local.creator, identity = "aggregator" },
+    ],
+  )
+  managed_folders = distinct([for g in local.storage_grants : g.folder if g.folder != ""])
+
+  # ---------------------------------------------------------------- Firestore
+  # Firestore IAM stops at the database: only the driver writes run, round and invocation
+  # records (from the call records the functions leave in their outboxes).
+  firestore_identities = ["driver"]
+
+  # ---------------------------------------------------------------- project roles
+  # Before round 1 the driver checks that every service is ready: it reads them through the
+  # Cloud Functions API (isolated) or the Cloud Run Admin API (pooled).
+  project_roles = {
+    driver = [local.isolated ? "roles/cloudfunctions.viewer" : "roles/run.viewer"]
+  }
+
+  # ---------------------------------------------------------------- services
+  # Service (function) name => what it is. Isolated clients run one instance, one request at a
+  # time (a client is one node); pools and aggregators scale to their max_instances, one request
+  # per instance. Only the driver may invoke any of them.
+  services = merge(
+    {
+      for key in local.client_identities : "${var.name_prefix}-client-${trimprefix(key, "client:")}" => {
+        kind            = "client"
+        identity        = key
+        arch            = local.client_arch[trimprefix(key, "client:")]
+        client_root     = local.client_roots[trimprefix(key, "client:")]
+        max_instances   = 1
+        concurrency     = 1
+        timeout_seconds = var.timeout_seconds
+        invokers        = ["driver"]
+      }
+    },
+    {
+      for slug, arch in local.pools : "${var.name_prefix}-pool-${slug}" => {
+        kind            = "pool"
+        identity        = "pool:${slug}"
+        arch            = arch
+        client_root     = "pools/${slug}/"
+        max_instances   = var.pool_max_instances
+        concurrency     = 1
+        timeout_seconds = var.timeout_seconds
+        invokers        = ["driver"]
+      }
+    },
+    {
+      for arch in var.architectures : "${var.name_prefix}-agg-${local.arch_slug[arch]}" => {
+        kind            = "aggregator"
+        identity        = "aggregator"
+        arch            = arch
+        client_root     = null
+        max_instances   = var.max_instances
+        concurrency     = 1
+        timeout_seconds = var.timeout_seconds
+        invokers        = ["driver"]
+      }
+    },
+  )
+
+  # Where the services run, and how many image builds a deployment takes. Isolated: Cloud
+  # Functions gen2, which builds every function from source separately (one build and one image
+  # per function). Pooled: Cloud Run services from one image, built once by Cloud Build from the
+  # same sources (build.tf; docs/deploy.md, "Builds").
+  platform     = local.isolated ? "cloudfunctions" : "cloudrun"
+  image_builds = local.isolated ? length(local.services) : 1
+
+  # Deterministic bucket names (known at plan time).
   arrays_bucket  = "${var.project}-${var.name_prefix}-arrays"
   sources_bucket = "${var.project}-${var.name_prefix}-sources"
   logs_bucket    = "${var.project}-${var.name_prefix}-logs"
@@ -35,42 +182,8 @@ locals {
     role => g > 24 ? 8 : g > 16 ? 6 : g > 8 ? 4 : g > 4 ? 2 : 1
   }
 
-  # Cloud Storage IAM Conditions see an object as "projects/_/buckets/<bucket>/objects/<name>".
-  # Two CEL helpers (format() templates, %s = a prefix or a path segment):
-  #  - cel_under: the object lies under a fixed prefix;
-  #  - cel_in_round: the object lies in runs/<run>/rounds/<r>/<segment>. extract() returns the
-  #    text between the first "/rounds/" and the next "/<segment>", or "" when there is none,
-  #    so the test is "non-empty". Any object this admits has "/<segment>" after "/rounds/" in
-  #    its name: a principal allowed ".../clients/<id>/" can only create names that contain
-  #    "/clients/<id>/", never the names another client's outputs have.
-  objects      = "projects/_/buckets/${local.arrays_bucket}/objects/"
-  cel_under    = "resource.name.startsWith(\"${local.objects}%s\")"
-  cel_in_round = "(resource.name.startsWith(\"${local.objects}runs/\") && resource.name.extract(\"/rounds/{round}/%s\") != \"\")"
-
-  # What each identity may read and create in the arrays bucket (docs/serverless.md, layout).
-  client_read_condition = {
-    for id in keys(var.clients) : id => join(" || ", [
-      format(local.cel_under, "public/"),
-      format(local.cel_under, local.client_data_prefix[id]),
-      # Message arrays addressed to this client (runs/<run>/rounds/<r>/messages/<id>/...).
-      format(local.cel_in_round, "messages/${id}/"),
-    ])
-  }
-  client_state_condition = {
-    for id in keys(var.clients) : id => format(local.cel_under, "clients/${id}/state/")
-  }
-  client_write_condition = {
-    for id in keys(var.clients) : id => format(local.cel_in_round, "clients/${id}/")
-  }
-  aggregator_read_condition = join(" || ", [
-    format(local.cel_under, "public/"),
-    format(local.cel_in_round, "clients/"),
-    format(local.cel_in_round, "aggregators/"),
-  ])
-  aggregator_write_condition = format(local.cel_in_round, "aggregators/")
-
-  # Environment shared by both kinds of function (docs/serverless.md); functions.tf adds the
-  # driver's e-mail (FLWR_KD_INVOKER) and the per-function variables.
+  # Environment shared by every service (docs/serverless.md); functions.tf and services.tf add
+  # the driver's e-mail (FLWR_KD_INVOKER) and the per-service variables.
   common_env = {
     FLWR_KD_BUCKET             = local.arrays_bucket
     FLWR_KD_FIRESTORE_DATABASE = var.firestore_database

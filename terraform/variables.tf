@@ -34,20 +34,39 @@ variable "name_prefix" {
   }
 }
 
+variable "deployment_mode" {
+  description = <<-EOT
+    How clients are deployed. "isolated" (cross-silo): one client function and one service
+    account per entry of `clients`, each client's data behind its own managed folders.
+    "pooled" (research runs with many simulated clients): one pool service and one service
+    account per architecture serves `pool_clients` clients, client-<i> of architecture
+    architectures[i % n], each under its own prefix pools/<arch>/clients/<id>/.
+  EOT
+  type        = string
+  default     = "isolated"
+
+  validation {
+    condition     = contains(["isolated", "pooled"], var.deployment_mode)
+    error_message = "deployment_mode must be \"isolated\" or \"pooled\"."
+  }
+}
+
 variable "clients" {
   description = <<-EOT
-    The federation's clients: client id => { architecture (a timm model name listed in
-    `architectures`), data_prefix (optional; the client's private data prefix in the arrays
-    bucket, default `clients/<id>/data/`) }. One client function and one service account each.
+    Isolated mode: the federation's clients, client id => { architecture (a timm model name
+    listed in `architectures`), data_prefix (optional; the client's private data prefix in the
+    arrays bucket, under its root clients/<id>/, default `clients/<id>/data/`) }. One client
+    function and one service account each. Pooled mode: leave empty (see pool_clients).
   EOT
   type = map(object({
     architecture = string
     data_prefix  = optional(string)
   }))
+  default = {}
 
   validation {
-    condition     = length(var.clients) >= 1 && length(var.clients) <= 32
-    error_message = "clients must name 1 to 32 clients (each client adds 3 conditional role bindings to the arrays bucket's IAM policy; Google advises at most 100 per policy)."
+    condition     = var.deployment_mode == "pooled" ? length(var.clients) == 0 : length(var.clients) >= 1
+    error_message = "Isolated mode needs 1 or more clients; pooled mode takes no clients (set pool_clients instead)."
   }
 
   validation {
@@ -63,22 +82,50 @@ variable "clients" {
   }
 
   validation {
-    # Keeps the bucket layout of docs/serverless.md: a client's data lives under clients/<id>/,
-    # apart from its state/ prefix, so one IAM condition per prefix isolates clients.
+    # A client's whole root clients/<id>/ is readable to it (its own managed folder), so an
+    # override may move its data anywhere under the root except into the folders with other
+    # roles and meanings: state/ (read-write), inbox/ (the driver's messages), outbox/ (replies).
     condition = alltrue([
       for id, c in var.clients : c.data_prefix == null ? true : (
         startswith(c.data_prefix, "clients/${id}/") &&
         endswith(c.data_prefix, "/") &&
-        !startswith(c.data_prefix, "clients/${id}/state/") &&
+        !anytrue([for sub in ["state/", "inbox/", "outbox/"] : startswith(c.data_prefix, "clients/${id}/${sub}")]) &&
         length(c.data_prefix) > length("clients/${id}/")
       )
     ])
-    error_message = "A client's data_prefix must lie under clients/<id>/ (not clients/<id>/state/, not clients/<id>/ itself) and end with '/'."
+    error_message = "A client's data_prefix must lie under clients/<id>/ (not clients/<id>/ itself, nor its state/, inbox/ or outbox/) and end with '/'."
+  }
+}
+
+variable "pool_clients" {
+  description = "Pooled mode: the number of simulated clients (client-0 ... client-<n-1>, as `flwr-kd cloud run --clients n` names them). Isolated mode: 0."
+  type        = number
+  default     = 0
+
+  validation {
+    condition     = var.pool_clients >= 0 && var.pool_clients <= 10000 && floor(var.pool_clients) == var.pool_clients
+    error_message = "pool_clients must be a whole number from 0 to 10,000."
+  }
+
+  validation {
+    condition     = var.deployment_mode == "pooled" ? var.pool_clients >= 1 : var.pool_clients == 0
+    error_message = "Pooled mode needs pool_clients >= 1; isolated mode takes pool_clients = 0 (its clients are in `clients`)."
+  }
+}
+
+variable "pool_max_instances" {
+  description = "Pooled mode: maximum instances of each pool service (each serves one request at a time), i.e. how many of a pool's clients train at once."
+  type        = number
+  default     = 10
+
+  validation {
+    condition     = var.pool_max_instances >= 1 && var.pool_max_instances <= 100 && floor(var.pool_max_instances) == var.pool_max_instances
+    error_message = "pool_max_instances must be a whole number from 1 to 100."
   }
 }
 
 variable "architectures" {
-  description = "timm model names of the architectures in the federation: one aggregator function each. Every client's architecture must be listed."
+  description = "timm model names of the architectures in the federation: one aggregator (and, pooled, one pool service) each. Every client's architecture must be listed."
   type        = list(string)
 
   validation {
@@ -102,6 +149,21 @@ variable "architectures" {
   validation {
     condition     = alltrue([for c in values(var.clients) : contains(var.architectures, c.architecture)])
     error_message = "Every client's architecture must be listed in architectures."
+  }
+
+  validation {
+    # Each isolated client is a Cloud Run service (gen2 functions are), and so is each
+    # aggregator: 1,000 services per project and region (docs/deploy.md, "Limits").
+    condition     = length(var.clients) + length(var.architectures) <= 1000
+    error_message = "clients + architectures must be at most 1,000: Cloud Run allows 1,000 services per project and region (shared with any other service there); use deployment_mode = \"pooled\" for more clients."
+  }
+
+  validation {
+    # Cloud Run service names have at most 49 characters; "<prefix>-agg-<slug>" always fits.
+    condition = var.deployment_mode != "pooled" || alltrue([
+      for a in var.architectures : length("${var.name_prefix}-pool-${trim(replace(lower(a), "/[^a-z0-9]+/", "-"), "-")}") <= 49
+    ])
+    error_message = "In pooled mode each pool service \"<name_prefix>-pool-<architecture>\" must fit Cloud Run's 49 characters: shorten name_prefix."
   }
 }
 
@@ -181,7 +243,7 @@ variable "timeout_seconds" {
 }
 
 variable "max_instances" {
-  description = "Maximum instances of each aggregator function (client functions always run one instance: a client is one node, served one request at a time)."
+  description = "Maximum instances of each aggregator (isolated client functions always run one instance: a client is one node, served one request at a time; pools: pool_max_instances)."
   type        = number
   default     = 1
 
@@ -214,7 +276,7 @@ variable "retention_days" {
 }
 
 variable "log_retention_days" {
-  description = "Days the Cloud Storage access logs are kept."
+  description = "Days the Cloud Storage access logs are kept (with access_logging)."
   type        = number
   default     = 90
 
@@ -222,6 +284,20 @@ variable "log_retention_days" {
     condition     = var.log_retention_days >= 1 && var.log_retention_days <= 3650 && floor(var.log_retention_days) == var.log_retention_days
     error_message = "log_retention_days must be a whole number from 1 to 3650."
   }
+}
+
+variable "access_logging" {
+  description = <<-EOT
+    Write Cloud Storage usage logs of the arrays and sources buckets into a logs bucket. Off by
+    default: Cloud Storage writes them as the Google group cloud-storage-analytics@google.com,
+    which must be granted roles/storage.objectCreator on the logs bucket, and that grant fails
+    under the domain-restricted-sharing organisation policy (iam.allowedPolicyMemberDomains),
+    enforced by default in organisations created since May 3, 2024. Google recommends Cloud
+    Audit Logs (Data Access logs for storage.googleapis.com) for access logging in most cases;
+    docs/deploy.md says how to turn them on. Turn this on where the policy allows the group.
+  EOT
+  type        = bool
+  default     = false
 }
 
 variable "firestore_database" {
