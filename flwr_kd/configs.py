@@ -95,6 +95,7 @@ class FedMDRoundConfig(MessageHeader):
     phase: str = "round"  # "init": fine-tune the pretrained weights; "round": digest, revisit
     subset_round: int = 0  # the round whose public subset the reply's logits are on
     state_uri: str = ""  # where the client keeps its model between rounds
+    pretrained_uri: str = ""  # where a client without a saved model finds `pretrained_key`'s
     digest_loss: str = "kl"  # "kl" (at `temperature`) or "mae" (the paper's code)
     digest_epochs: int = 4
     digest_batch_size: int = 32
@@ -105,6 +106,11 @@ class FedMDRoundConfig(MessageHeader):
     batch_size: int = TrainConfig.batch_size  # private-data training (fine-tune, revisit)
     lr: float = TrainConfig.lr
     logits_dtype: str = TrainConfig.logits_dtype
+
+    @staticmethod
+    def pretrained_key(arch: str) -> str:
+        """The state-store key of `arch`'s transfer-learned weights under `pretrained_uri`."""
+        return f"pretrained-{arch}"
 
 
 # -- where work runs --------------------------------------------------------------------------

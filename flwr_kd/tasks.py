@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from flwr_kd.configs import DeviceConfig
 from flwr_kd.distill import DistillConfig, DistillReport, average_logits, distill
@@ -126,6 +127,8 @@ class LocalTrainOutcome:
 def run_local_train_task(task: LocalTrainTask) -> LocalTrainOutcome:
     t0 = time.perf_counter()
     device = task.device_config
+    if task.init_state is None:
+        torch.manual_seed(task.seed)  # the initial weights, too, are the seed's
     model = create_model(task.arch, task.model_spec)
     if task.init_state is not None:
         load_numpy_state(model, task.init_state)

@@ -31,7 +31,7 @@ from flwr_kd.pretrain import (
     per_client_seconds,
     transfer_learning,
 )
-from flwr_kd.records import pack_models
+from flwr_kd.records import pack_models, record_to_state
 from flwr_kd.state import LocalStateStore
 from flwr_kd.strategy import FedMD, FedMDError
 from flwr_kd.training import predict_logits
@@ -353,6 +353,8 @@ def test_fused_round_digests_then_revisits_then_replies_and_keeps_the_model_in_t
 
 
 def test_round_without_a_saved_model_is_a_client_error(tmp_path):
+    """...when there are no transfer-learned weights to rejoin from either (`init_phase`
+    alone publishes none)."""
     n = 2
     spec = _spec(n)
     data = load_federated(spec)
@@ -364,7 +366,51 @@ def test_round_without_a_saved_model_is_a_client_error(tmp_path):
     error = next(r for r in replies if r.metadata.src_node_id == node_id_of(1))
     assert error.has_error()
     assert f"no saved model for node-{node_id_of(1)}" in error.error.reason
+    assert "no transfer-learned 'test_vit' weights to rejoin from" in error.error.reason
     assert metrics["replies"] == 1 and metrics["dropped"] == 1
+
+
+def test_a_client_whose_state_is_gone_rejoins_from_its_transfer_learned_weights(
+    tmp_path, monkeypatch
+):
+    n = 4
+    spec = _spec(n)
+    data = load_federated(spec)
+    grid = _grid(n)
+    strategy = _fedmd(data, tmp_path, n)
+    config = _config(spec)
+    consensus = strategy.prepare(grid, pack_models(_initial(data.model_spec)), config, 60)
+    _, consensus, metrics = _round(strategy, grid, 1, consensus, config)
+    assert metrics["rejoined"] == 0
+    lost = node_id_of(1)
+    (tmp_path / "clients" / f"node-{lost}.npz").unlink()
+
+    starts = []  # the weights each fine-tuning starts from
+    real = handlers.train_with_early_stopping
+
+    def finetune(model, *args, **kwargs):
+        starts.append(state_to_numpy(model))
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(handlers, "train_with_early_stopping", finetune)
+    replies, _, metrics = _round(strategy, grid, 2, consensus, config)
+
+    # it takes part in round 2, and says it rejoined
+    assert metrics["replies"] == n and metrics["dropped"] == 0 and metrics["rejoined"] == 1
+    assert strategy.stats[2].replies == n
+    assert metrics["logits-clipped"] == strategy.stats[2].logits_clipped == 0
+    for reply in replies:
+        rejoined = reply.content[protocol.METRICS]["rejoined"]
+        assert rejoined == int(reply.metadata.src_node_id == lost)
+    # from its architecture's transfer-learned weights: what the init phase sent it
+    init_msg = next(
+        m
+        for m in grid.messages_of(protocol.FEDMD_ROUND)
+        if m.metadata.dst_node_id == lost and m.content[protocol.CONFIG]["phase"] == "init"
+    )
+    assert len(starts) == 1
+    assert _states_equal(starts[0], record_to_state(init_msg.content[protocol.ARRAYS]))
+    assert _client_store(tmp_path).load(f"node-{lost}") is not None  # and keeps its model again
 
 
 # ---------------------------------------------------------------------------- transfer learning

@@ -8,20 +8,30 @@ exercise the strategy's checks.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from flwr.app import Array, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp.strategy import Result
 from inprocess_grid import InProcessGrid, node_id_of
 
 from flwr_kd import protocol
 from flwr_kd.client import KDClient, resolve_architecture
+from flwr_kd.client.node import load_split_partition, partition_id
 from flwr_kd.data import DataSpec, load_federated
 from flwr_kd.distill import DistillConfig
 from flwr_kd.fanout import SerialFanOut
 from flwr_kd.models import ModelSpec, create_model, state_to_numpy
+from flwr_kd.publicset import (
+    CLIPPED_KEY,
+    FINGERPRINT_KEY,
+    decode_subset,
+    fingerprint,
+    logits_for_wire,
+)
 from flwr_kd.records import pack_models, record_to_state, unpack_models
 from flwr_kd.strategy import FedDF, HeteroFedAvg, TooFewReplies
 from flwr_kd.strategy.fedavg import fedavg
@@ -80,6 +90,15 @@ def _feddf(data, **kwargs) -> FedDF:
     )
 
 
+def _public_inputs(msg: Message, public_x: np.ndarray) -> np.ndarray:
+    """The public inputs a FedDF train message means: its images, or the rows of the public
+    set it indexes."""
+    record = msg.content[protocol.PUBLIC]
+    if "x" in record:
+        return record["x"].numpy()
+    return public_x[decode_subset(record, len(public_x))]
+
+
 # ---------------------------------------------------------------------------- (a) configure
 
 
@@ -132,7 +151,8 @@ def test_feddf_train_messages_carry_the_round_public_subset():
     )
     subsets = []
     for msg in messages:
-        x = msg.content[protocol.PUBLIC]["x"].numpy()
+        assert "x" not in msg.content[protocol.PUBLIC]  # these clients hold the public set
+        x = _public_inputs(msg, data.public_x)
         assert x.shape == (40, *data.public_x.shape[1:])
         assert msg.content[protocol.CONFIG]["logits-dtype"] == "float32"
         # rows of the public set, in their original order
@@ -141,7 +161,7 @@ def test_feddf_train_messages_carry_the_round_public_subset():
         subsets.append(x)
     np.testing.assert_array_equal(subsets[0], subsets[1])  # one subset for all nodes
     other = list(strategy.configure_train(2, pack_models(_initial(data.model_spec)), config, grid))
-    assert not np.array_equal(other[0].content[protocol.PUBLIC]["x"].numpy(), subsets[0])
+    assert not np.array_equal(_public_inputs(other[0], data.public_x), subsets[0])
 
 
 def test_nodes_of_an_architecture_without_global_model_are_skipped(caplog):
@@ -437,8 +457,9 @@ def _round_slices(items: list, per_round: int, r: int) -> list:
 def test_feddf_start_two_rounds_with_client_logits():
     result, strategy, grid, initial, seen, tasks = _run_feddf("clients")
     _assert_two_architecture_result(result, strategy, grid, initial, seen)
+    public_x = load_federated(_spec(4)).public_x
     for msg in grid.train_messages():
-        assert msg.content[protocol.PUBLIC]["x"].numpy().shape[0] == 48
+        assert _public_inputs(msg, public_x).shape[0] == 48
     for reply in grid.train_replies():
         logits = reply.content[protocol.LOGITS]["logits"].numpy()
         assert logits.shape == (48, 10) and logits.dtype == np.float16
@@ -452,7 +473,7 @@ def test_feddf_start_two_rounds_with_client_logits():
             [m.content[protocol.LOGITS]["logits"].numpy().astype(np.float32) for m in replies],
             axis=0,
         )
-        subset = _round_slices(grid.train_messages(), 4, r)[0].content[protocol.PUBLIC]["x"].numpy()
+        subset = _public_inputs(_round_slices(grid.train_messages(), 4, r)[0], public_x)
         round_tasks = _round_slices(tasks, 2, r)
         assert sorted(t.arch for t in round_tasks) == sorted(ARCHS)
         for task in round_tasks:
@@ -497,3 +518,155 @@ def test_feddf_rejects_bad_options():
             model_spec=data.model_spec,
             fanout=SerialFanOut(),
         )
+
+
+# ---------------------------------------------------------------------------- (e) downlink
+
+
+def _loader(public_of: dict[int, np.ndarray | None]):
+    """The default data loader, except that partition p holds `public_of[p]` as its public set
+    (None: none)."""
+
+    def load(context, config):
+        data = load_split_partition(context, config)
+        pid = partition_id(context)
+        return replace(data, public_x=public_of[pid]) if pid in public_of else data
+
+    return load
+
+
+def test_feddf_sends_indices_to_nodes_holding_its_public_set_and_images_to_the_others():
+    n = 4
+    spec = _spec(n)
+    data = load_federated(spec)
+    other_set = data.public_x + 1.0  # same shape, other values: another public set
+    app = KDClient(load_data=_loader({1: None, 2: other_set})).register(ClientApp())
+    grid = InProcessGrid(app, n)
+    strategy = _feddf(data, subset_size=40, min_available_nodes=n, logits_dtype="float32")
+    initial = pack_models(_initial(data.model_spec))
+    messages = list(strategy.configure_train(1, initial, _train_config(spec), grid))
+
+    by_node = {m.metadata.dst_node_id: m for m in messages}
+    assert sorted(by_node) == sorted(grid.contexts)
+    for pid in range(n):
+        msg = by_node[node_id_of(pid)]
+        sent = msg.content[protocol.PUBLIC]
+        assert ("x" in sent) == (pid in (1, 2)), pid  # images only to who lacks the set
+        assert msg.content[protocol.CONFIG][FINGERPRINT_KEY] == fingerprint(data.public_x)
+    subset = _public_inputs(by_node[node_id_of(0)], data.public_x)
+    np.testing.assert_array_equal(
+        by_node[node_id_of(1)].content[protocol.PUBLIC]["x"].numpy(), subset
+    )
+
+    # every node's logits are on the same inputs: a teacher-only round leaves them comparable
+    replies = grid.send_and_receive(messages)
+    strategy.aggregate_train(1, replies)
+    assert strategy.stats[1].replies == n and strategy.stats[1].dropped == []
+    by_reply = {r.metadata.src_node_id: r for r in grid.train_replies()}
+    for pid in range(n):
+        logits = by_reply[node_id_of(pid)].content[protocol.LOGITS]["logits"].numpy()
+        assert logits.shape == (40, 10)
+
+
+def test_a_client_refuses_indices_into_another_public_set():
+    n = 2
+    spec = _spec(n)
+    data = load_federated(spec)
+    grid = _grid(n)
+    strategy = _feddf(data, min_available_nodes=n)
+    messages = list(
+        strategy.configure_train(
+            1, pack_models(_initial(data.model_spec)), _train_config(spec), grid
+        )
+    )
+    messages[0].content[protocol.CONFIG][FINGERPRINT_KEY] = "another-set"
+    replies = list(grid.send_and_receive(messages))
+    assert replies[0].has_error() and "indexes public set 'another-set'" in replies[0].error.reason
+    assert not replies[1].has_error()
+
+
+def _serialized_bytes(msg: Message) -> int:
+    """What a message's content costs on Flower's wire (its protobuf serialization)."""
+    return recorddict_to_proto(msg.content).ByteSize()
+
+
+def _downlink_ratios(data, archs, public_of=None, **feddf_options) -> dict[int, float]:
+    """Per node: serialized bytes of FedDF's round-1 train message over FedAvg's."""
+    n = len(archs)
+    spec_n = DataSpec(dataset="digits", num_partitions=n, alpha=None, max_private=20 * n)
+    config = _train_config(spec_n, archs)
+    initial = pack_models(_initial(data.model_spec, archs))
+    app = KDClient(load_data=_loader(public_of or {})).register(ClientApp())
+    sizes = {}
+    for name, strategy in (
+        ("fedavg", HeteroFedAvg(min_available_nodes=n)),
+        ("feddf", _feddf(data, min_available_nodes=n, **feddf_options)),
+    ):
+        grid = InProcessGrid(app, n)
+        for msg in strategy.configure_train(1, initial, ConfigRecord(dict(config)), grid):
+            sizes.setdefault(msg.metadata.dst_node_id, {})[name] = _serialized_bytes(msg)
+    return {node: s["feddf"] / s["fedavg"] for node, s in sizes.items()}
+
+
+def test_feddf_downlink_per_client_is_within_one_percent_of_fedavg():
+    # the demo: digits, its three default architectures, the whole public set every round
+    data = load_federated(_spec(3))
+    archs = ("resnet10t", "mobilenetv3_small_050", "test_vit")
+    ratios = _downlink_ratios(data, archs, subset_size=len(data.public_x))
+    assert len(ratios) == 3 and max(ratios.values()) <= 1.01, ratios
+
+    # Fashion-MNIST's default public subset (15,000 images of 28x28) and its smallest models:
+    # the images alone would be 47 MB per client per round
+    rng = np.random.default_rng(0)
+    public = rng.standard_normal((15_000, 1, 28, 28)).astype(np.float32)
+    big = replace(
+        data, public_x=public, model_spec=ModelSpec(num_classes=10, in_chans=1, img_size=28)
+    )
+    small = ("test_vit", "lcnet_050")
+    ratios = _downlink_ratios(big, small, {0: public, 1: public}, subset_size=len(public))
+    assert max(ratios.values()) <= 1.01, ratios
+    # what it would cost to send the images instead: the measurement tells them apart
+    ratios = _downlink_ratios(big, small, {0: None, 1: None}, subset_size=len(public))
+    assert min(ratios.values()) > 10, ratios
+
+
+# ---------------------------------------------------------------------------- (f) overflow
+
+
+def test_logits_for_wire_clips_to_the_finite_range_and_counts():
+    logits = np.array([[1.5, 7e4, -np.inf], [np.inf, -1e9, 65504.0]], np.float32)
+    wire, clipped = logits_for_wire(logits, "float16")
+    assert wire.dtype == np.float16 and np.isfinite(wire).all() and clipped == 4
+    np.testing.assert_array_equal(wire, [[1.5, 65504, -65504], [65504, -65504, 65504]])
+    wire, clipped = logits_for_wire(logits, "float32")
+    assert wire.dtype == np.float32 and clipped == 2  # only the infinities
+    assert np.isnan(logits_for_wire(np.array([np.nan], np.float32), "float16")[0]).all()
+
+
+def test_float16_overflow_is_clipped_counted_and_no_reply_is_dropped(monkeypatch):
+    from flwr_kd.client import handlers
+
+    real = handlers.predict_logits
+    monkeypatch.setattr(handlers, "predict_logits", lambda *a, **k: real(*a, **k) * 1e6)
+    n = 4
+    spec = _spec(n)
+    data = load_federated(spec)
+    grid = _grid(n)
+    strategy = _feddf(data, distill_config=DistillConfig(steps=0), min_available_nodes=n)
+    messages = strategy.configure_train(
+        1, pack_models(_initial(data.model_spec)), _train_config(spec), grid
+    )
+    _, metrics = strategy.aggregate_train(1, grid.send_and_receive(messages))
+
+    stats = strategy.stats[1]
+    assert stats.replies == n and stats.dropped == []
+    per_reply = []
+    for reply in grid.train_replies():
+        logits = reply.content[protocol.LOGITS]["logits"].numpy()
+        assert logits.dtype == np.float16 and np.isfinite(logits).all()
+        clipped = reply.content[protocol.METRICS][CLIPPED_KEY]
+        assert clipped == np.count_nonzero(np.abs(logits) == 65504)
+        per_reply.append(clipped)
+    assert sum(per_reply) > 0, "precondition: the logits overflowed float16"
+    assert stats.logits_clipped == sum(per_reply) == metrics[CLIPPED_KEY]
+    assert stats.to_dict()["logits_clipped"] == sum(per_reply)

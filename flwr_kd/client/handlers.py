@@ -2,9 +2,11 @@
 
 `KDClient(...).register(app)` adds:
 
-- `query.architecture`: the node's timm architecture and sample count (the server asks once);
+- `query.architecture`: the node's timm architecture and sample count, and the fingerprint of
+  the public set it holds (the server asks once);
 - `train`: load the received weights of this node's architecture, train on private data, and
-  reply the weights plus float16 logits on the round's public inputs (FedDF's teacher);
+  reply the weights plus float16 logits on the round's public inputs, sent as images or as
+  indices into the node's own public set (FedDF's teacher; `flwr_kd.publicset`);
 - `evaluate`: accuracy of the received model on the node's held-out private data;
 - `train.fedmd`: one fused FedMD round (see `fedmd_round`).
 
@@ -25,6 +27,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from flwr_kd import protocol
+from flwr_kd.client.node import ClientData, load_split_partition, node_seed, resolve_architecture
 from flwr_kd.configs import (
     DeviceConfig,
     EvaluateConfig,
@@ -32,58 +35,13 @@ from flwr_kd.configs import (
     MessageHeader,
     TrainConfig,
 )
-from flwr_kd.data import DataSpec, load_federated
 from flwr_kd.distill import digest
-from flwr_kd.models import ModelSpec, create_model, load_numpy_state, state_to_numpy
-from flwr_kd.records import record_to_state, state_to_record
+from flwr_kd.models import create_model, load_numpy_state, state_to_numpy
+from flwr_kd.publicset import CLIPPED_KEY, FINGERPRINT_KEY, fingerprint, logits_for_wire
+from flwr_kd.publicset import public_inputs as received_public_inputs
+from flwr_kd.records import State, record_to_state, state_to_record
 from flwr_kd.state import open_state_store
 from flwr_kd.training import evaluate, predict_logits, train_supervised, train_with_early_stopping
-
-
-@dataclass
-class ClientData:
-    """A client's private data: a training part and a held-out part, plus the model shape."""
-
-    train_x: np.ndarray
-    train_y: np.ndarray
-    holdout_x: np.ndarray
-    holdout_y: np.ndarray
-    model_spec: ModelSpec
-    public_x: np.ndarray | None = None  # FedMD: the public set, addressed by index
-    test_x: np.ndarray | None = None  # optional shared test set for per-round accuracy
-    test_y: np.ndarray | None = None
-
-
-def partition_id(context: Context) -> int:
-    if "partition-id" not in context.node_config:
-        raise ValueError("node config has no 'partition-id'; set it, or pass load_data")
-    return int(context.node_config["partition-id"])
-
-
-def node_seed(context: Context) -> int:
-    """A per-node seed that is stable across runs: the partition id where there is one."""
-    return int(context.node_config.get("partition-id", context.node_id % 100_000))
-
-
-def load_split_partition(context: Context, config: ConfigRecord) -> ClientData:
-    """The default data source: this node's partition of the flwr-kd split named in config."""
-    data = load_federated(DataSpec.from_config(dict(config)))
-    train_x, train_y, hold_x, hold_y = data.client_data(partition_id(context))
-    return ClientData(
-        train_x, train_y, hold_x, hold_y, data.model_spec, data.public_x, data.test_x, data.test_y
-    )
-
-
-def resolve_architecture(context: Context, config: ConfigRecord | None = None) -> str:
-    """This node's timm architecture: node config `arch`, else the `archs` list of the run
-    config (or of the server's message) indexed by partition id."""
-    if "arch" in context.node_config:
-        return str(context.node_config["arch"])
-    for source in (context.run_config, config or {}):
-        if "archs" in source:
-            archs = [a.strip() for a in str(source["archs"]).split(",") if a.strip()]
-            return archs[partition_id(context) % len(archs)]
-    raise ValueError("no architecture: set node config 'arch' or run config 'archs'")
 
 
 def train_private(
@@ -128,13 +86,18 @@ class KDClient:
     # -- handlers -----------------------------------------------------------------------
 
     def describe(self, message: Message, context: Context) -> Message:
+        """The node's architecture and sample count, and the fingerprint of the public set it
+        holds, if any (FedDF then sends it indices instead of images)."""
         config = message.content[protocol.CONFIG]
         data = self.load_data(context, config)
         arch = resolve_architecture(context, config)
+        answer = {"arch": arch}
+        if data.public_x is not None:
+            answer[FINGERPRINT_KEY] = fingerprint(data.public_x)
         return reply(
             message,
             **{
-                protocol.CONFIG: ConfigRecord({"arch": arch}),
+                protocol.CONFIG: ConfigRecord(answer),
                 protocol.METRICS: MetricRecord({"num-examples": len(data.train_x)}),
             },
         )
@@ -168,8 +131,10 @@ class KDClient:
         }
         if protocol.PUBLIC in message.content:
             t1 = time.perf_counter()
-            x = message.content[protocol.PUBLIC]["x"].numpy()
-            logits = predict_logits(model, x, device).astype(np.dtype(settings.logits_dtype))
+            x = received_public_inputs(message.content[protocol.PUBLIC], config, data.public_x)
+            logits, metrics[CLIPPED_KEY] = logits_for_wire(
+                predict_logits(model, x, device), settings.logits_dtype
+            )
             records[protocol.LOGITS] = ArrayRecord({"logits": Array(logits)})
             metrics["logits-seconds"] = time.perf_counter() - t1
         records[protocol.METRICS] = MetricRecord(metrics)
@@ -198,7 +163,10 @@ class KDClient:
 
         `phase=init` instead fine-tunes the received pretrained weights on private data, with
         early stopping on the held-out slice. The client's model persists in the state store
-        named by `state-uri`, under this node's id.
+        named by `state-uri`, under this node's id. A node without a saved model there (its
+        init failed, it joined late, its state was lost) rejoins: it fine-tunes its
+        architecture's transfer-learned weights from `pretrained-uri` first, and replies
+        `rejoined` 1.
         """
         config = message.content[protocol.CONFIG]
         settings, device = FedMDRoundConfig.from_config(config), DeviceConfig.from_config(config)
@@ -211,30 +179,17 @@ class KDClient:
         model = create_model(arch, data.model_spec)
         seed = settings.server_round * 100_000 + node_seed(context)
         timings: dict[str, float] = {}
+        saved = None if settings.phase == "init" else store.load(key)
         t = time.perf_counter()
-        if settings.phase == "init":
-            load_numpy_state(model, record_to_state(message.content[protocol.ARRAYS]))
-            train_with_early_stopping(
-                model,
-                data.train_x,
-                data.train_y,
-                data.holdout_x,
-                data.holdout_y,
-                max_epochs=settings.finetune_epochs,
-                patience=settings.finetune_patience,
-                seed=seed,
-                batch_size=settings.batch_size,
-                lr=settings.lr,
-                device=device,
-            )
+        if saved is None:
+            start = self._fedmd_start(message, settings, arch, key)
+            load_numpy_state(model, start)
+            self._finetune(model, data, settings, seed, device)
             timings["finetune-seconds"] = time.perf_counter() - t
-        else:
-            state = store.load(key)
-            if state is None:
-                raise ValueError(
-                    f"no saved model for {key} in {settings.state_uri}: run phase 'init' first"
-                )
-            load_numpy_state(model, state)
+        if settings.phase != "init":
+            if saved is not None:
+                load_numpy_state(model, saved)
+            t = time.perf_counter()
             consensus = message.content[protocol.CONSENSUS]
             public = self._public(consensus["indices"].numpy(), data)
             digest(
@@ -252,10 +207,16 @@ class KDClient:
         store.save(key, state_to_numpy(model))
         t = time.perf_counter()
         indices = message.content[protocol.PUBLIC]["indices"].numpy()
-        logits = predict_logits(model, self._public(indices, data), device)
-        logits = logits.astype(np.dtype(settings.logits_dtype))
+        logits, clipped = logits_for_wire(
+            predict_logits(model, self._public(indices, data), device), settings.logits_dtype
+        )
         timings["logits-seconds"] = time.perf_counter() - t
-        metrics = {"num-examples": len(data.train_x), **timings}
+        metrics = {
+            "num-examples": len(data.train_x),
+            "rejoined": int(settings.phase != "init" and saved is None),
+            CLIPPED_KEY: clipped,
+            **timings,
+        }
         if data.test_x is not None:
             metrics["test-accuracy"] = evaluate(model, data.test_x, data.test_y, device)[1]
         return reply(
@@ -267,6 +228,41 @@ class KDClient:
                 ),
                 protocol.METRICS: MetricRecord(metrics),
             },
+        )
+
+    @staticmethod
+    def _fedmd_start(message: Message, settings: FedMDRoundConfig, arch: str, key: str) -> State:
+        """The weights a node without a saved model fine-tunes: the message's (init), else its
+        architecture's transfer-learned weights, published at `pretrained-uri` (a rejoin)."""
+        if settings.phase == "init":
+            return record_to_state(message.content[protocol.ARRAYS])
+        pretrained = None
+        if settings.pretrained_uri:
+            store = open_state_store(settings.pretrained_uri)
+            pretrained = store.load(FedMDRoundConfig.pretrained_key(arch))
+        if pretrained is None:
+            raise ValueError(
+                f"no saved model for {key} in {settings.state_uri}, and no transfer-learned "
+                f"'{arch}' weights to rejoin from: run phase 'init' first"
+            )
+        return pretrained
+
+    @staticmethod
+    def _finetune(model, data: ClientData, settings: FedMDRoundConfig, seed: int, device) -> None:
+        """FedMD's private fine-tuning of transfer-learned weights, with early stopping on the
+        node's held-out slice (the init phase, and a rejoin)."""
+        train_with_early_stopping(
+            model,
+            data.train_x,
+            data.train_y,
+            data.holdout_x,
+            data.holdout_y,
+            max_epochs=settings.finetune_epochs,
+            patience=settings.finetune_patience,
+            seed=seed,
+            batch_size=settings.batch_size,
+            lr=settings.lr,
+            device=device,
         )
 
     @staticmethod

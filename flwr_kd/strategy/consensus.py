@@ -1,16 +1,18 @@
 """FedMD's server half of a round: which logits replies may join the consensus, the consensus
-itself, and what the replies report (test accuracy per architecture, where time went)."""
+itself, and what the replies report (test accuracy per architecture, where time went, clipped
+logits, rejoined clients)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
 
 from flwr_kd import protocol
 from flwr_kd.distill import average_logits
-from flwr_kd.strategy.replies import RoundStats, logits_problem
+from flwr_kd.publicset import CLIPPED_KEY
+from flwr_kd.strategy.replies import RoundStats, logits_problem, note_clipped
 
 #: Client step timings (metrics) whose slowest value a round records.
 CLIENT_STEPS = ("finetune-seconds", "digest-seconds", "revisit-seconds", "logits-seconds")
@@ -23,6 +25,7 @@ class LogitsReply:
     arch: str
     logits: np.ndarray
     metrics: dict
+    node: int = 0
 
 
 def check_logits_reply(
@@ -50,7 +53,7 @@ def check_logits_reply(
     if problem:
         return problem
     metrics = dict(content[protocol.METRICS]) if protocol.METRICS in content else {}
-    return LogitsReply(arch, logits, metrics)
+    return LogitsReply(arch, logits, metrics, msg.metadata.src_node_id)
 
 
 def average(subset: np.ndarray, valid: list[LogitsReply]) -> ArrayRecord:
@@ -84,3 +87,21 @@ def record_slowest_steps(valid: list[LogitsReply], stats: RoundStats) -> None:
         values = [r.metrics[key] for r in valid if key in r.metrics]
         if values:
             stats.seconds[f"client-{key[: -len('-seconds')]}-max"] = max(values)
+
+
+def round_metrics(
+    server_round: int, valid: list[LogitsReply], stats: RoundStats, accuracy: dict[str, float]
+) -> MetricRecord:
+    """The round's metrics (replies, dropped, clipped logits, rejoined clients, accuracy per
+    architecture); the slowest steps and clipped logits also go to `stats`."""
+    record_slowest_steps(valid, stats)
+    note_clipped(server_round, {r.node: int(r.metrics.get(CLIPPED_KEY, 0)) for r in valid}, stats)
+    return MetricRecord(
+        {
+            "replies": len(valid),
+            "dropped": len(stats.dropped),
+            CLIPPED_KEY: stats.logits_clipped,
+            "rejoined": sum(int(r.metrics.get("rejoined", 0)) for r in valid),
+            **{f"accuracy/{a}": v for a, v in accuracy.items()},
+        }
+    )

@@ -113,18 +113,18 @@ class HeteroFedAvg(KDStrategy):
     def _sample(
         self, grid: Grid, config: ConfigRecord, fraction: float, minimum: int, round_: int
     ) -> dict[int, str]:
-        archs = self.discover_architectures(grid, config)
-        eligible = sorted(n for n, a in archs.items() if a in self._global)
-        for n in sorted(set(archs) - set(eligible)):
-            log(
-                WARNING,
-                "node %s has architecture '%s', which has no global model: skipped",
-                n,
-                archs[n],
-            )
-        size = min(len(eligible), max(int(len(eligible) * fraction), minimum))
-        chosen = random.Random(self.seed * 100003 + round_).sample(eligible, size)
-        return {n: archs[n] for n in sorted(chosen)}
+        """Sample, then describe only the sampled nodes not seen yet (a round costs what its
+        participants cost); one without a global model's architecture is replaced."""
+        rng = random.Random(self.seed * 100003 + round_)
+        pool = self.nodes.having(sorted(self.nodes.connected(grid)), self._global)
+        size = min(len(pool), max(int(len(pool) * fraction), minimum))
+        chosen: list[int] = []
+        while len(chosen) < size and pool:
+            picked = rng.sample(pool, min(size - len(chosen), len(pool)))
+            self.nodes.describe(grid, config, picked)
+            chosen += self.nodes.having(picked, self._global, described=True)
+            pool = sorted(set(pool) - set(picked))
+        return {n: self.node_arch[n] for n in sorted(chosen)}
 
     def _message(
         self,
@@ -148,8 +148,10 @@ class HeteroFedAvg(KDStrategy):
 
     # -- training --------------------------------------------------------------------------
 
-    def round_payload(self, server_round: int, config: ConfigRecord) -> dict[str, ArrayRecord]:
-        """Extra records every training message of this round carries (none here)."""
+    def round_payload(
+        self, server_round: int, config: ConfigRecord, nodes: dict[int, str]
+    ) -> dict[int, dict[str, ArrayRecord]]:
+        """Extra records of this round's training message to each of `nodes` (none here)."""
         return {}
 
     def configure_train(
@@ -160,12 +162,13 @@ class HeteroFedAvg(KDStrategy):
         t0 = time.perf_counter()
         nodes = self._sample(grid, config, self.fraction_train, self.min_train_nodes, server_round)
         config["server-round"] = server_round  # describe messages of later rounds carry it too
-        payload = self.round_payload(server_round, config)
+        payloads = self.round_payload(server_round, config, nodes)
         model_records = {arch: state_to_record(s) for arch, s in self._global.items()}
         messages = []
         for node, arch in nodes.items():
             header = MessageHeader(arch=arch, server_round=server_round)
-            msg = self._message(node, header, model_records[arch], config, protocol.TRAIN, payload)
+            extra = payloads.get(node)
+            msg = self._message(node, header, model_records[arch], config, protocol.TRAIN, extra)
             stats.bytes_down += payload_bytes(msg.content)
             messages.append(msg)
         log(INFO, "configure_train: %d nodes (%s)", len(nodes), count_by_value(nodes.values()))

@@ -5,6 +5,10 @@ their weights plus float16 logits on the round's public distillation subset; the
 every architecture group, averages all clients' logits into the ensemble teacher, and distils
 every group model towards it, one fan-out task per architecture, in parallel.
 
+The subset travels as indices to clients that hold the server's public set (their describe
+reply carries its fingerprint) and as images to the others (`flwr_kd.publicset`), so a
+client's downlink stays within a few KB of FedAvg's.
+
 `teacher="server"` reproduces the seed system instead: clients send no logits and every
 distillation task re-evaluates all client models to build the teacher (k x n forward passes).
 """
@@ -14,7 +18,7 @@ from __future__ import annotations
 from logging import INFO
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 
 from flwr_kd import protocol
@@ -22,10 +26,11 @@ from flwr_kd.configs import DeviceConfig, DistillConfig, TrainConfig
 from flwr_kd.distill import average_logits
 from flwr_kd.fanout import FanOut
 from flwr_kd.models import ModelSpec
+from flwr_kd.publicset import CLIPPED_KEY, FINGERPRINT_KEY, encode_subset, fingerprint
 from flwr_kd.records import State
 from flwr_kd.strategy.base import check_choice, public_subset
 from flwr_kd.strategy.fedavg import HeteroFedAvg
-from flwr_kd.strategy.replies import LOGITS_DTYPES, ClientReply, logits_problem
+from flwr_kd.strategy.replies import LOGITS_DTYPES, ClientReply, logits_problem, note_clipped
 from flwr_kd.tasks import DistillTask, run_distill_task
 
 TEACHERS = ("clients", "server")
@@ -95,15 +100,24 @@ class FedDF(HeteroFedAvg):
         self.logits_dtype = logits_dtype
         self.use_fanout(fanout)
         self.device = DeviceConfig.of(device)
+        self.public_fingerprint = fingerprint(self.public_x)
         self._subset = self.public_x[:0]
 
-    def round_payload(self, server_round: int, config: ConfigRecord) -> dict[str, ArrayRecord]:
+    def round_payload(
+        self, server_round: int, config: ConfigRecord, nodes: dict[int, str]
+    ) -> dict[int, dict[str, ArrayRecord]]:
+        """The round's public subset: its indices to nodes that hold the public set, its
+        images to the others."""
         idx = public_subset(len(self.public_x), self.subset_size, self.seed, server_round)
         self._subset = self.public_x[idx]
         if self.teacher == "server":
             return {}
         config["logits-dtype"] = self.logits_dtype
-        return {protocol.PUBLIC: ArrayRecord({"x": Array(self._subset)})}
+        config[FINGERPRINT_KEY] = self.public_fingerprint
+        by_index = {protocol.PUBLIC: encode_subset(idx, len(self.public_x))}
+        images = {protocol.PUBLIC: ArrayRecord({"x": Array(self._subset)})}
+        holders = self.nodes.public_of
+        return {n: by_index if holders.get(n) == self.public_fingerprint else images for n in nodes}
 
     def check_reply(self, msg: Message) -> ClientReply | str:
         parsed = super().check_reply(msg)
@@ -116,14 +130,26 @@ class FedDF(HeteroFedAvg):
         if problem:
             return problem
         parsed.logits = logits
+        if protocol.METRICS in msg.content:
+            parsed.logits_clipped = int(msg.content[protocol.METRICS].get(CLIPPED_KEY, 0))
         return parsed
+
+    def aggregate_train(
+        self, server_round: int, replies
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if self.teacher == "clients":
+            metrics[CLIPPED_KEY] = self.stats[server_round].logits_clipped
+        return arrays, metrics
 
     def after_fedavg(
         self, server_round: int, models: dict[str, State], replies: list[ClientReply]
     ) -> dict[str, State]:
+        stats = self.stats[server_round]
         teacher = None
         if self.teacher == "clients":
             teacher = average_logits([r.logits for r in replies])
+            note_clipped(server_round, {r.node_id: r.logits_clipped for r in replies}, stats)
         tasks = [
             DistillTask(
                 arch=arch,
@@ -142,7 +168,6 @@ class FedDF(HeteroFedAvg):
         ]
         label = f"distillation, round {server_round}"
         outcomes = self.fanout.map_with_progress(run_distill_task, tasks, label)
-        stats = self.stats[server_round]
         for o in outcomes:
             stats.distill[o.arch] = {
                 "steps": o.report.steps_run,

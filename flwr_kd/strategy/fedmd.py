@@ -5,7 +5,9 @@ parallel, cached; `flwr_kd.pretrain`), and every client fine-tunes its architect
 its private data and replies logits on round 1's public subset (the `init` phase, "round 0").
 Each round r then sends every client the consensus on subset r; the client digests it, revisits
 its private data, and replies logits on subset r+1, which the server averages into the next
-consensus. Clients keep their own models in a state store, outside the message.
+consensus. Clients keep their own models in a state store, outside the message. The
+transfer-learned weights are published there too: a client without a saved model (its init
+failed, it joined late, its state was lost) rejoins from its architecture's.
 
 The `ArrayRecord` that Flower's `start()` carries between rounds is the consensus:
 `{"indices": public indices, "logits": averaged logits}`.
@@ -15,11 +17,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from dataclasses import replace
 from logging import INFO
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
@@ -30,8 +31,10 @@ from flwr_kd.fanout import FanOut
 from flwr_kd.models import ModelSpec
 from flwr_kd.pretrain import TransferData, TransferReport, pretrain_architectures
 from flwr_kd.records import State, state_to_record, unpack_models
+from flwr_kd.state import open_state_store
 from flwr_kd.strategy import consensus
 from flwr_kd.strategy.base import KDStrategy, check_choice, check_min_replies, public_subset
+from flwr_kd.strategy.fedmd_messages import round_messages
 from flwr_kd.strategy.nodes import ArchitectureRegistry
 from flwr_kd.strategy.replies import (
     LOGITS_DTYPES,
@@ -86,6 +89,10 @@ class FedMD(KDStrategy):
         Transfer-learning hyper-parameters; None means `PretrainConfig(seed=seed)`.
     cache_dir : str or Path, optional (default: None)
         Cache of pretrained weights; None means `flwr_kd.pretrain.default_cache_dir()`.
+    pretrained_uri : str, optional (default: None)
+        State store where transfer learning publishes each architecture's weights for clients
+        without a saved model to rejoin from (every client must be able to read it); None
+        means `state_uri`.
     min_replies : int (default: 2)
         Valid replies a round (the init phase included) needs, else `FedMDError`.
     min_available_nodes : int (default: 2)
@@ -123,6 +130,7 @@ class FedMD(KDStrategy):
         finetune_patience: int = FedMDRoundConfig.finetune_patience,
         pretrain: PretrainConfig | None = None,
         cache_dir=None,
+        pretrained_uri: str | None = None,
         min_replies: int = 2,
         min_available_nodes: int = 2,
         logits_dtype: str = FedMDRoundConfig.logits_dtype,
@@ -151,6 +159,7 @@ class FedMD(KDStrategy):
             batch_size=batch_size,
             lr=lr,
             logits_dtype=logits_dtype,
+            pretrained_uri=pretrained_uri or state_uri,
         )
         self.pretrain, self.cache_dir = pretrain or PretrainConfig(seed=seed), cache_dir
         self.min_replies = min_replies
@@ -187,7 +196,8 @@ class FedMD(KDStrategy):
     def transfer_learning(
         self, initial: dict[str, State], client_archs: list[str]
     ) -> dict[str, State]:
-        """Pretrained weights per architecture (cached); the report goes to `self.transfer`."""
+        """Pretrained weights per architecture (cached), also published in the clients' state
+        store for clients that rejoin; the report goes to `self.transfer`."""
         weights, self.transfer = pretrain_architectures(
             initial,
             client_archs,
@@ -198,6 +208,9 @@ class FedMD(KDStrategy):
             self.measure_pretrain_per_client,
             self.device,
         )
+        store = open_state_store(self.round_config.pretrained_uri)
+        for arch, state in weights.items():
+            store.save(FedMDRoundConfig.pretrained_key(arch), state)
         return weights
 
     def init_phase(
@@ -219,25 +232,16 @@ class FedMD(KDStrategy):
         """One `train.fedmd` message per connected node, with `records_for(arch)`."""
         stats = self.stats.setdefault(server_round, RoundStats())
         self._participants = self.nodes.refresh(grid, config)
-        next_subset = ArrayRecord({"indices": Array(self.subset(server_round + 1))})
-        messages = []
-        for node, arch in self._participants.items():
-            settings = replace(
-                self.round_config,
-                arch=arch,
-                phase=phase,
-                server_round=server_round,
-                subset_round=server_round + 1,
-            )
-            content = RecordDict(
-                {
-                    protocol.CONFIG: ConfigRecord({**dict(config), **settings.to_config()}),
-                    protocol.PUBLIC: next_subset,
-                    **records_for(arch),
-                }
-            )
-            stats.bytes_down += payload_bytes(content)
-            messages.append(Message(content, dst_node_id=node, message_type=protocol.FEDMD_ROUND))
+        messages = round_messages(
+            self._participants,
+            self.round_config,
+            config,
+            server_round,
+            self.subset(server_round + 1),
+            records_for,
+            phase,
+        )
+        stats.bytes_down += sum(payload_bytes(m.content) for m in messages)
         self._sent_at = time.perf_counter()
         return messages
 
@@ -273,15 +277,7 @@ class FedMD(KDStrategy):
         require_replies(server_round, len(valid), self.min_replies, stats, FedMDError)
         record = consensus.average(self.subset(server_round + 1), valid)
         accuracy = self.accuracy[server_round] = consensus.mean_accuracy(valid)
-        consensus.record_slowest_steps(valid, stats)
-        metrics = MetricRecord(
-            {
-                "replies": len(valid),
-                "dropped": len(stats.dropped),
-                **{f"accuracy/{a}": v for a, v in accuracy.items()},
-            }
-        )
-        return record, metrics
+        return record, consensus.round_metrics(server_round, valid, stats, accuracy)
 
     def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
         return []  # each reply of the fused round already carries the client's test accuracy

@@ -42,11 +42,13 @@ class ClientReply:
     train_loss: float
     compute_seconds: float = 0.0  # the client's own training and logits time
     logits: np.ndarray | None = None
+    logits_clipped: int = 0  # logits the client clipped to the wire dtype's finite range
 
 
 @dataclass
 class RoundStats:
-    """What a round cost: bytes each way, dropped replies, and where the time went."""
+    """What a round cost: bytes each way, dropped replies, and where the time went; and how
+    many logits the clients clipped to the wire dtype's finite range (overflows)."""
 
     bytes_down: int = 0
     bytes_up: int = 0
@@ -55,6 +57,7 @@ class RoundStats:
     seconds: dict[str, float] = field(default_factory=dict)
     distill: dict[str, dict] = field(default_factory=dict)
     client_compute: list[float] = field(default_factory=list)  # seconds, one per valid reply
+    logits_clipped: int = 0
 
     def to_dict(self) -> dict:
         return {
@@ -64,6 +67,7 @@ class RoundStats:
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
             "distill": self.distill,
             "client_compute": [round(c, 3) for c in self.client_compute],
+            "logits_clipped": self.logits_clipped,
         }
 
 
@@ -76,6 +80,20 @@ def logits_problem(logits: np.ndarray, expected_shape: tuple[int, int]) -> str |
     if not np.isfinite(logits).all():
         return "logits have non-finite values"
     return None
+
+
+def note_clipped(server_round: int, clipped_by_node: dict, stats: RoundStats) -> None:
+    """Count the logits the clients clipped to the wire dtype's range (their reply metrics) in
+    `stats`, with a log line naming the nodes: the replies stay in the round."""
+    stats.logits_clipped = sum(clipped_by_node.values())
+    if stats.logits_clipped:
+        clipping = {node: n for node, n in clipped_by_node.items() if n}
+        log(
+            WARNING,
+            "round %d: logits clipped to the wire dtype's range: %s",
+            server_round,
+            clipping,
+        )
 
 
 def screen_replies(
