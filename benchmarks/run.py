@@ -652,7 +652,7 @@ def main() -> None:
     )
     parser.add_argument("--mode", choices=sorted(MODES), default="quick")
     parser.add_argument(
-        "--sections", default="accuracy,aggregation,pretrain,communication,serverless,soak"
+        "--sections", default="accuracy,aggregation,pretrain,communication,serverless,soak,scale"
     )
     args = parser.parse_args()
     mode = MODES[args.mode]
@@ -694,6 +694,12 @@ def main() -> None:
         summary["soak_rounds_done"] = f"{soak['rounds_done']}/{soak['rounds']}"
         summary["soak_faults_injected"] = soak["reliability"]["injected_total"]
         summary["soak_audit_problems"] = len(soak["audit_problems"])
+    if "scale" in sections:  # benchmarks/scale.py: its own fixed config, in any mode
+        from scale import scale_section
+
+        scale = scale_section(out / "scale")
+        for key in ("scale_round_time_ratio_1000_vs_10", "scale_peak_memory_ratio_1000_vs_10"):
+            summary[key] = scale[key]
     summary[
         "seconds"
         if set(sections) >= {"accuracy", "aggregation", "pretrain"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from flwr_kd.data import PARTITIONERS, DataError, load_federated
@@ -22,12 +23,24 @@ def _parser() -> argparse.ArgumentParser:
     sim = sub.add_parser("simulate", help="run an experiment in local simulation (Ray)")
     _experiment_flags(sim)
     sim.add_argument("--verbose", action="store_true", help="show Flower's logs")
+    sim.add_argument(
+        "--ray-address",
+        default=os.environ.get("RAY_ADDRESS") or None,
+        help="run on this existing Ray cluster (head's host:port, or auto) from one of its "
+        "nodes (default: $RAY_ADDRESS; none: Ray on this machine alone)",
+    )
     cloud = sub.add_parser("cloud", help="serverless runtime (Cloud Functions)").add_subparsers(
         dest="cloud_command", required=True, parser_class=_Parser
     )
     emu = cloud.add_parser("emulate", help="the serverless stack against local emulators")
     _experiment_flags(emu)
     _cloud_flags(emu)
+    emu.add_argument(
+        "--deployment-mode",
+        choices=("isolated", "pooled"),
+        default="isolated",
+        help="terraform's deployment_mode: a function per client, or one per architecture pool",
+    )
     run = cloud.add_parser("run", help="drive a deployment (terraform outputs)")
     _experiment_flags(run)
     _cloud_flags(run)
@@ -184,7 +197,9 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "cloud" and args.cloud_command == "audit":
-        return _audit(args)
+        from flwr_kd.cloud_commands import audit
+
+        return audit(args)
     if args.command == "cloud" and args.cloud_command == "emulators":
         from flwr_kd.serverless.emulators import serve_emulators
 
@@ -199,9 +214,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "simulate":
             from flwr_kd.simulation import simulate
 
-            simulate(cfg, verbose=args.verbose)
+            simulate(cfg, verbose=args.verbose, ray_address=args.ray_address)
             return 0
-        return _cloud(args, cfg)
+        from flwr_kd.cloud_commands import run_cloud
+
+        return run_cloud(args, cfg)
     except ConfigError as exc:
         print(f"flwr-kd: error: {exc}", file=sys.stderr)
         return 2
@@ -209,90 +226,6 @@ def main(argv: list[str] | None = None) -> int:
         hint = f"; resume it with --resume {exc.run_id}" if exc.run_id else ""
         print(f"flwr-kd: error: {exc}{hint}", file=sys.stderr)
         return 1
-
-
-def _cloud(args: argparse.Namespace, cfg: ExperimentConfig) -> int:
-    import json
-    import logging
-    import uuid
-
-    logging.getLogger("flwr").setLevel(logging.WARNING)
-    from flwr_kd.serverless.grid import GridOptions, google_id_token_auth
-
-    options = GridOptions(
-        max_concurrency=args.max_concurrency, call_timeout=args.call_timeout, retries=args.retries
-    )
-    run_id = args.resume or args.run_id
-    if args.cloud_command == "emulate":
-        from flwr_kd.serverless.emulate import emulate
-
-        emulate(cfg, run_id, resume=bool(args.resume), options=options)
-        return 0
-    from flwr_kd.serverless.deployment import Deployment, DeploymentError, check_active, discover
-    from flwr_kd.serverless.driver import drive
-
-    project, region = args.project, args.region
-    try:
-        if args.outputs:
-            with open(args.outputs) as f:
-                outputs = json.load(f)
-            deployment = Deployment.from_terraform_outputs(outputs)
-            project = project or (outputs.get("project") or {}).get("value")
-            region = region or (outputs.get("region") or {}).get("value")
-        elif project and region:
-            deployment = discover(project, region, args.name_prefix)
-        else:
-            print(
-                "flwr-kd: error: cloud run needs --outputs (terraform output -json) "
-                "or --project and --region",
-                file=sys.stderr,
-            )
-            return 2
-        if not args.skip_active_check:
-            if not (project and region):
-                raise DeploymentError(
-                    "cannot check the functions are ACTIVE without project and region "
-                    "(or pass --skip-active-check)"
-                )
-            check_active(project, region, deployment.function_urls())
-    except (OSError, ValueError, KeyError, DeploymentError) as exc:
-        print(f"flwr-kd: error: {exc}", file=sys.stderr)
-        return 2
-    options.auth = None if args.no_auth else google_id_token_auth()
-    drive(
-        cfg,
-        deployment,
-        run_id or f"run-{uuid.uuid4().hex[:8]}",
-        resume=bool(args.resume),
-        options=options,
-    )
-    return 0
-
-
-def _audit(args: argparse.Namespace) -> int:
-    import json
-
-    from flwr_kd.serverless.arraystore import GcsArrayStore
-    from flwr_kd.serverless.audit import audit_run
-    from flwr_kd.serverless.deployment import Deployment
-    from flwr_kd.serverless.roundstore import RoundStore
-
-    bucket, database = args.bucket, args.database
-    try:
-        if args.outputs:
-            with open(args.outputs) as f:
-                deployment = Deployment.from_terraform_outputs(json.load(f))
-            bucket, database = deployment.bucket, deployment.firestore_database
-        problems = audit_run(args.run_id, RoundStore(database=database), GcsArrayStore(bucket))
-    except (OSError, ValueError, KeyError) as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) else exc
-        print(f"flwr-kd: error: {message}", file=sys.stderr)
-        return 2
-    for problem in problems:
-        print(f"  {problem}")
-    verdict = f"{len(problems)} problem(s)" if problems else "records complete"
-    print(f"run {args.run_id}: {verdict}")
-    return 1 if problems else 0
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ Where things live: `flwr_kd.dataspec` (the spec and the cut into pools), `flwr_k
 from __future__ import annotations
 
 import functools
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +32,8 @@ __all__ = [
     "FederatedData",
     "load_federated",
 ]
+
+logger = logging.getLogger(__name__)
 
 #: Share of each client's private partition held out for its own evaluation and early stopping.
 CLIENT_HOLDOUT_FRACTION = 0.2
@@ -49,7 +53,7 @@ class FederatedData:
     test_y: np.ndarray
     private_x: np.ndarray
     private_y: np.ndarray
-    partitions: list[np.ndarray]  # indices into private_x, one array per client
+    partitions: Sequence[np.ndarray]  # indices into private_x, one per client (built lazily)
 
     def client_data(
         self, partition_id: int
@@ -96,7 +100,10 @@ def _local_pools(spec: DataSpec) -> Pools:
 
 @functools.lru_cache(maxsize=4)
 def load_federated(spec: DataSpec) -> FederatedData:
-    """Load and split `spec`'s dataset (cached per process: clients call it per message)."""
+    """Load and split `spec`'s dataset, once per process and spec: clients call it for every
+    message, and a simulation actor serves many clients of the same split. Client partitions
+    are built when first asked for (`flwr_kd.partitioning.Partitions`)."""
+    logger.debug("loading and splitting %s for %d clients", spec.dataset, spec.num_partitions)
     if spec.dataset.startswith("hf:"):
         from flwr_kd.hf_data import load_hf_pools
 
@@ -108,7 +115,12 @@ def load_federated(spec: DataSpec) -> FederatedData:
     mean, std = float(private_x.mean()), float(private_x.std()) or 1.0
 
     def norm(a: np.ndarray) -> np.ndarray:
-        return ((a - mean) / std).astype(np.float32)
+        """In place where the pool is float32 already (its own copy): the peak memory of a
+        client process is the dataset once, not twice."""
+        a = a if a.dtype == np.float32 else a.astype(np.float32)
+        a -= np.float32(mean)
+        a /= np.float32(std)
+        return a
 
     channels, size = private_x.shape[1], private_x.shape[2]
     return FederatedData(

@@ -75,6 +75,9 @@ class ExperimentConfig:
     cache_dir: str = ""
     max_private: int = 0
     max_test: int = 0
+    # The server's labelled validation set (FedDF's early stopping) holds at most this share of
+    # the private pool's size: it must not see more labels than the clients hold.
+    max_val_fraction: float = 0.1
     public_fraction: float = 0.25
     local_only_baseline: bool = True
     out_dir: str = ""
@@ -221,6 +224,8 @@ class ExperimentConfig:
         for name in positive:
             if getattr(self, name) < (0 if name in ("distill_steps", "revisit_epochs") else 1):
                 raise ConfigError(f"{name.replace('_', '-')} must be positive")
+        if not 0 < self.max_val_fraction <= 1:
+            raise ConfigError(f"max-val-fraction must lie in (0, 1], got {self.max_val_fraction}")
         if not 0 < self.fraction_train <= 1:
             raise ConfigError(f"fraction-train must lie in (0, 1], got {self.fraction_train}")
         if self.teacher not in ("clients", "server"):

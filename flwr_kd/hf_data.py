@@ -138,7 +138,8 @@ def _decode(ds: Dataset, mode: str | None, size: int) -> tuple[np.ndarray, np.nd
 
 
 def load_hf_pools(spec: DataSpec) -> Pools:
-    """Load, re-split, partition and decode `spec.dataset` ("hf:<id or directory>")."""
+    """Load, re-split, partition and decode `spec.dataset` ("hf:<id or directory>"). The
+    `FederatedDataset` stays with the partitions, which it builds when first asked for."""
     from flwr_datasets import FederatedDataset
 
     source = spec.dataset[len("hf:") :]

@@ -60,7 +60,9 @@ def _load_fashion_mnist() -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.
     arr = {k: _read_idx(root / v) for k, v in files.items()}
 
     def images(a: np.ndarray) -> np.ndarray:
-        return (a.astype(np.float32) / 255.0)[:, None]
+        x = a.astype(np.float32)
+        x /= np.float32(255.0)  # in place: one float copy of the 60,000 images, not two
+        return x[:, None]
 
     return (
         images(arr["train_x"]),

@@ -4,13 +4,15 @@ The partitioners are flwr-datasets' own, as Flower users write them; this module
 name and a few `DataSpec` fields to their arguments. Embedded datasets hand it a small
 `datasets.Dataset` of labels; Hugging Face datasets reach it through `FederatedDataset`.
 Either way a pool carries an `index` column (the row's position in the private pool), which is
-what a partition is returned as.
+what a partition is returned as: lazily (`Partitions`), since a process that serves a few clients
+of a 1,000-client split should not pay for the other partitions.
 """
 
 from __future__ import annotations
 
+import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from datasets import Dataset
@@ -84,24 +86,56 @@ class SpecPartitioner(Partitioner):
         return self._built.load_partition(partition_id)
 
 
-def client_partitions(spec: DataSpec, load_partition: Callable[[int], Dataset]) -> list[np.ndarray]:
+class Partitions(Sequence):
+    """Each client's indices into the private pool, materialised on first use and kept.
+
+    flwr-datasets builds a `Dataset` per partition (about 10 ms each), so building all of them
+    in every process of a 1,000-client run costs seconds per process and grows with the
+    population; a client process pays only for the partitions it serves. The partitioner's
+    assignment is computed up front (partition 0): an impossible split fails at load time."""
+
+    def __init__(self, spec: DataSpec, load_partition: Callable[[int], Dataset]) -> None:
+        self._spec = spec
+        self._load_partition = load_partition
+        self._built: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()  # a client process may serve several threads
+        self._built[0] = self._load(0)  # computes the assignment: an impossible split fails here
+
+    def __len__(self) -> int:
+        return self._spec.num_partitions
+
+    def __getitem__(self, partition_id):
+        if isinstance(partition_id, slice):
+            return [self[i] for i in range(*partition_id.indices(len(self)))]
+        pid = partition_id + len(self) if partition_id < 0 else partition_id
+        if not 0 <= pid < len(self):
+            raise IndexError(f"partition {partition_id} of {len(self)}")
+        with self._lock:
+            if pid not in self._built:
+                self._built[pid] = self._load(pid)
+            return self._built[pid]
+
+    def _load(self, pid: int) -> np.ndarray:
+        try:
+            with warnings.catch_warnings():
+                # ShardPartitioner's sort trips a pyarrow deprecation no user can act on
+                warnings.filterwarnings("ignore", "Specifying null_placement", FutureWarning)
+                partition = self._load_partition(pid)
+        except ValueError as exc:
+            raise DataError(
+                f"cannot split the private pool over {self._spec.num_partitions} clients with "
+                f"the '{self._spec.partitioner}' partitioner: {exc}"
+            ) from exc
+        # numpy format: reading the column row by row would cost more than the partition
+        return np.asarray(partition.with_format("numpy")[INDEX_COLUMN], dtype=np.int64)
+
+
+def client_partitions(spec: DataSpec, load_partition: Callable[[int], Dataset]) -> Partitions:
     """Each client's indices into the private pool, from a `load_partition` over it."""
-    try:
-        with warnings.catch_warnings():
-            # ShardPartitioner's sort trips a pyarrow deprecation no user can act on
-            warnings.filterwarnings("ignore", "Specifying null_placement", FutureWarning)
-            return [
-                np.asarray(load_partition(pid)[INDEX_COLUMN], dtype=np.int64)
-                for pid in range(spec.num_partitions)
-            ]
-    except ValueError as exc:
-        raise DataError(
-            f"cannot split the private pool over {spec.num_partitions} clients with the "
-            f"'{spec.partitioner}' partitioner: {exc}"
-        ) from exc
+    return Partitions(spec, load_partition)
 
 
-def partition_labels(spec: DataSpec, labels: np.ndarray) -> list[np.ndarray]:
+def partition_labels(spec: DataSpec, labels: np.ndarray) -> Partitions:
     """Client partitions of a private pool given as an array of labels."""
     partitioner = SpecPartitioner(spec)
     partitioner.dataset = Dataset.from_dict(

@@ -10,6 +10,7 @@ and writes the report.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import tempfile
 import time
 from collections.abc import Callable
@@ -44,6 +45,16 @@ def initial_arrays(archs: list[str], spec: ModelSpec, seed: int) -> ArrayRecord:
         torch.manual_seed(seed * 7919 + i)
         models[arch] = state_to_numpy(create_model(arch, spec))
     return pack_models(models)
+
+
+def cap_validation(data: FederatedData, max_fraction: float) -> FederatedData:
+    """`data` with the server's validation set cut to at most `max_fraction` of the private
+    pool's size (at least 1 sample): FedDF's early stopping must not see more labels than the
+    clients hold. The split's other parts are unchanged."""
+    n = max(1, int(max_fraction * len(data.private_x)))
+    if n >= len(data.val_x):
+        return data
+    return dataclasses.replace(data, val_x=data.val_x[:n], val_y=data.val_y[:n])
 
 
 def local_only_baseline(
@@ -86,6 +97,7 @@ class RuntimeHooks:
 
     on_round_end(round, arrays, strategy): once per aggregated round (never round 0, never a
         restored round), with the round number of the whole run and the new global arrays.
+    on_round_scored(row): after each evaluation, with the report's score row of that round.
     report(result) -> extra top-level sections of the result, merged in before it is printed
         and written.
     """
@@ -95,6 +107,7 @@ class RuntimeHooks:
     resume_arrays: ArrayRecord | None = None
     rounds_done: int = 0
     on_round_end: Callable[[int, ArrayRecord, Strategy], None] | None = None
+    on_round_scored: Callable[[dict], None] | None = None
     report: Callable[[dict], dict] | None = None
 
 
@@ -118,7 +131,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, hooks: RuntimeHooks | None
     with tracker or contextlib.nullcontext():  # the tracked run ends FAILED if this raises
         if tracker is not None:
             tracker.log_config(cfg.to_run_config())
-        data = load_federated(cfg.data_spec)
+        data = cap_validation(load_federated(cfg.data_spec), cfg.max_val_fraction)
         result, final_arrays = _run(grid, cfg, hooks, entry, data)
         publish_result(result, cfg.out_dir)
         if cfg.out_dir and entry.global_models and result["rounds"]:
@@ -159,7 +172,7 @@ def _run(
             num_rounds=cfg.num_server_rounds - hooks.rounds_done,
             train_config=ConfigRecord(cfg.client_config()),
             evaluate_config=ConfigRecord(cfg.client_config()),
-            evaluate_fn=recorder,
+            evaluate_fn=scored(recorder, hooks.on_round_scored),
             **({"timeout": cfg.round_timeout} if cfg.round_timeout else {}),
         )
         sections = entry.report(strategy, recorder.rounds[0], bool(hooks.rounds_done))
@@ -181,12 +194,26 @@ def _run(
         },
         "rounds": round_rows(recorder.rounds[1:], strategy, flower_result, hooks.rounds_done),
         "baselines": baselines,
+        "server_validation": {"samples": len(data.val_x), "private_pool": len(data.private_x)},
         "seconds": {"total": round(time.perf_counter() - t0, 2), **seconds},
         **sections,
     }
     if hooks.report is not None:
         result.update(hooks.report(result))
     return result, flower_result.arrays
+
+
+def scored(recorder: RoundRecorder, on_round_scored: Callable[[dict], None] | None):
+    """The recorder as evaluate_fn, handing each new score row to `on_round_scored`."""
+    if on_round_scored is None:
+        return recorder
+
+    def evaluate(server_round: int, arrays: ArrayRecord):
+        metrics = recorder(server_round, arrays)
+        on_round_scored(recorder.rounds[-1])
+        return metrics
+
+    return evaluate
 
 
 def round_rows(
@@ -208,6 +235,7 @@ def round_rows(
                 "dropped": stats.get("dropped", []),
                 "distill": stats.get("distill", {}),
                 "client_compute": stats.get("client_compute", []),
+                "logits_clipped": stats.get("logits_clipped", 0),
                 **({"client_accuracy": dict(client_eval)} if client_eval else {}),
             }
         )

@@ -7,6 +7,12 @@ against a SuperLink started with `--simulation` (its Simulation Engine, on Ray).
 experiment, runs it on a `LocalSuperLink` of its own, echoes the ServerApp's report as it is
 printed, and returns the result that the ServerApp hands back (`flwr_kd.handoff`): an
 exception in the ServerApp is raised here, so the CLI's errors and exit codes are unchanged.
+
+On an existing Ray cluster (`ray_address`, docs/simulation.md): Flower 1.42's federation config
+has no field for a Ray address, and its Ray backend calls `ray.init()` without one, which
+connects to the cluster that `RAY_ADDRESS` names; the run's processes get that variable, and
+the federation config then leaves the cluster's resources to the cluster (Ray refuses
+`num_cpus` when it connects to one).
 """
 
 from __future__ import annotations
@@ -26,9 +32,12 @@ from flwr_kd.handoff import HANDOFF_KEY, Handoff
 from flwr_kd.superlink import LocalSuperLink, SuperLinkError
 
 
-def simulate(cfg: ExperimentConfig, verbose: bool = False) -> dict:
+def simulate(cfg: ExperimentConfig, verbose: bool = False, ray_address: str | None = None) -> dict:
     """Run `cfg` with one simulated SuperNode per client; returns the result dict. `verbose`
-    shows Flower's streamed logs of the run instead of the report alone."""
+    shows Flower's streamed logs of the run instead of the report alone; `ray_address` (a Ray
+    cluster's `host:port`, or `auto`) runs the clients on that cluster, which this machine must
+    be a node of; without it they run on a Ray instance of the run's own, whatever the
+    environment's `RAY_ADDRESS` says (the CLI's `--ray-address` defaults to it)."""
     _check_supported(cfg)
     workdir = Path(tempfile.mkdtemp(prefix="flwr-kd-sim-"))
     keep_logs = False
@@ -38,10 +47,11 @@ def simulate(cfg: ExperimentConfig, verbose: bool = False) -> dict:
         if not verbose:
             handoff.console.touch()
         app_dir = write_app(workdir / "app", cfg, handoff.dir)
-        with LocalSuperLink(workdir) as link:  # SuperLinkError names its log: kept
+        ray_env = {"RAY_ADDRESS": ray_address or ""}  # empty: not the caller's RAY_ADDRESS
+        with LocalSuperLink(workdir, env=ray_env) as link:  # SuperLinkError names its log: kept
             run = link.run(
                 app_dir,
-                federation_config(cfg, verbose),
+                federation_config(cfg, verbose, on_cluster=bool(ray_address)),
                 log_path=None if verbose else workdir / "run.log",
             )
             _echo_until_done(run, handoff.console)
@@ -79,11 +89,12 @@ def _check_supported(cfg: ExperimentConfig) -> None:
         )
 
 
-def federation_config(cfg: ExperimentConfig, verbose: bool) -> dict:
+def federation_config(cfg: ExperimentConfig, verbose: bool, on_cluster: bool = False) -> dict:
     """Flower's simulation settings for this run: one SuperNode per client, each client's Ray
-    resources (`client-num-cpus`, `client-num-gpus`), Ray on every core; clients' own output
-    reaches this process only when verbose."""
-    return {
+    resources (`client-num-cpus`, `client-num-gpus`), Ray on every core of this machine unless
+    the run joins an existing cluster; clients' own output reaches this process only when
+    verbose."""
+    config = {
         "num-supernodes": cfg.num_clients,
         "client-resources-num-cpus": int(cfg.client_num_cpus),
         "client-resources-num-gpus": float(cfg.client_num_gpus),
@@ -91,6 +102,9 @@ def federation_config(cfg: ExperimentConfig, verbose: bool) -> dict:
         "init-args-log-to-driver": verbose,
         "verbose": verbose,
     }
+    if on_cluster:  # the cluster's nodes declare their resources; Flower sizes its pool on them
+        del config["init-args-num-cpus"]
+    return config
 
 
 def write_app(app_dir: Path, cfg: ExperimentConfig, handoff_dir: Path) -> Path:

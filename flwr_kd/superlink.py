@@ -40,13 +40,16 @@ class SuperLinkError(RuntimeError):
 
 
 class LocalSuperLink:
-    """`with LocalSuperLink(workdir) as link: link.run(app_dir, {...}).wait()`."""
+    """`with LocalSuperLink(workdir) as link: link.run(app_dir, {...}).wait()`; `env` adds to
+    the environment of every process of the run (e.g. `RAY_ADDRESS`)."""
 
-    def __init__(self, workdir: Path, startup_timeout: float = 180.0) -> None:
+    def __init__(
+        self, workdir: Path, startup_timeout: float = 180.0, env: dict[str, str] | None = None
+    ) -> None:
         self.workdir = Path(workdir)
         self.port = _free_port()
         self.token = uuid.uuid4().hex
-        self.env = runtime_env(self.workdir / "flwr-home", self.token)
+        self.env = {**runtime_env(self.workdir / "flwr-home", self.token), **(env or {})}
         self.log_path = self.workdir / "superlink.log"
         self.startup_timeout = startup_timeout
         self._processes: list[subprocess.Popen] = []

@@ -385,6 +385,8 @@ def test_hf_saved_dataset_loads_through_federated_dataset(hf_root, monkeypatch, 
     monkeypatch.setattr(flwr_datasets, "FederatedDataset", RecordingFederatedDataset)
     data = load_federated(_hf_spec(hf_root, num_partitions=4))
 
+    assert partitions_loaded == [(0, "private")]  # the others when first asked for
+    assert len(list(data.partitions)) == 4
     assert partitions_loaded == [(pid, "private") for pid in range(4)]
     assert data.model_spec == ModelSpec(num_classes=CIFAR_LIKE_CLASSES, in_chans=3, img_size=32)
     n_public, n_val = int(240 * 0.25), int(240 * 0.05)

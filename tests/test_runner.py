@@ -130,4 +130,57 @@ def test_run_experiment_checkpoints_rounds_and_writes_the_runtimes_report(
     written = json.loads((tmp_path / "out" / "result.json").read_text())
     assert written == json.loads(json.dumps(returned))
     assert written["runtime"] == {"rounds": 2}
+    # the server's validation set: at most 10% of the 40 private samples
+    assert written["server_validation"] == {"samples": 4, "private_pool": 40}
     assert (tmp_path / "out" / "accuracy.png").stat().st_size > 0
+
+
+def test_the_server_validation_set_is_capped_to_a_share_of_the_private_pool():
+    from flwr_kd.data import DataSpec, load_federated
+    from flwr_kd.runner import cap_validation
+
+    data = load_federated(DataSpec(dataset="digits", num_partitions=2, max_private=200))
+    assert len(data.val_x) == 89  # 5% of the whole pool, taken before the private cap
+    capped = cap_validation(data, ExperimentConfig().max_val_fraction)
+    assert len(capped.val_x) == len(capped.val_y) == 20
+    np.testing.assert_array_equal(capped.val_x, data.val_x[:20])
+    np.testing.assert_array_equal(capped.val_y, data.val_y[:20])
+    assert capped.public_x is data.public_x and capped.partitions is data.partitions
+    assert len(cap_validation(data, 0.3).val_x) == 60
+    assert cap_validation(data, 1.0) is data  # a cap above the set's size changes nothing
+    cfg = ExperimentConfig.from_run_config({"max-val-fraction": 0.25})
+    assert cfg.max_val_fraction == 0.25
+    for bad in (0, 1.5):
+        with pytest.raises(ConfigError, match="max-val-fraction must lie in"):
+            ExperimentConfig.from_run_config({"max-val-fraction": bad})
+
+
+def test_the_local_only_task_is_reproducible_whatever_torch_was_seeded_with():
+    import torch
+
+    from flwr_kd.data import DataSpec, load_federated
+    from flwr_kd.tasks import LocalTrainTask, run_local_train_task
+
+    data = load_federated(DataSpec(dataset="digits", num_partitions=2, max_private=40))
+    x, y, _, _ = data.client_data(0)
+    task = LocalTrainTask(
+        arch="test_vit",
+        model_spec=data.model_spec,
+        x=x,
+        y=y,
+        test_x=data.test_x[:20],
+        test_y=data.test_y[:20],
+        epochs=1,
+        seed=5,
+        return_state=True,
+        device="cpu",
+    )
+    outcomes = []
+    for global_seed in (1, 2):  # whatever ran before in the process
+        torch.manual_seed(global_seed)
+        outcomes.append(run_local_train_task(task))
+    first, second = (o.state for o in outcomes)
+    assert list(first) == list(second)
+    for key in first:
+        np.testing.assert_array_equal(first[key], second[key], err_msg=key)
+    assert outcomes[0].accuracy == outcomes[1].accuracy

@@ -10,11 +10,12 @@ import sys
 import pytest
 from flwr.common.config import validate_config
 
+from flwr_kd.cli import _parser
 from flwr_kd.experiment import ExperimentConfig
 from flwr_kd.handoff import HANDOFF_KEY, Handoff, RemoteTraceback
 from flwr_kd.simulation import federation_config, write_app
 from flwr_kd.strategy import TooFewReplies
-from flwr_kd.superlink import MARKER, marked_pids, runtime_env, stop_marked
+from flwr_kd.superlink import MARKER, LocalSuperLink, marked_pids, runtime_env, stop_marked
 
 try:
     import tomllib
@@ -75,3 +76,24 @@ def test_every_marked_process_is_stopped_even_an_orphan(tmp_path):
     finally:
         unmarked.kill()
         unmarked.wait()
+
+
+def test_on_a_ray_cluster_the_run_joins_it_by_address_and_leaves_resources_to_it(
+    tmp_path, monkeypatch
+):
+    """Flower's federation config has no Ray address: the run's processes get RAY_ADDRESS,
+    which Flower's `ray.init()` joins, and no CPU count (Ray refuses one from a joining
+    driver); `--ray-address` defaults to the RAY_ADDRESS of the caller's environment."""
+    cfg = ExperimentConfig(num_clients=3)
+    alone = federation_config(cfg, verbose=False)
+    on_cluster = federation_config(cfg, verbose=False, on_cluster=True)
+    assert alone.pop("init-args-num-cpus") >= 1
+    assert on_cluster == alone
+    link = LocalSuperLink(tmp_path, env={"RAY_ADDRESS": "10.0.0.7:6379"})
+    assert link.env["RAY_ADDRESS"] == "10.0.0.7:6379" and link.env[MARKER] == link.token
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert _parser().parse_args(["simulate"]).ray_address is None
+    monkeypatch.setenv("RAY_ADDRESS", "auto")
+    assert _parser().parse_args(["simulate"]).ray_address == "auto"
+    assert _parser().parse_args(["simulate", "--ray-address", "h:1"]).ray_address == "h:1"

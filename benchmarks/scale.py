@@ -1,0 +1,145 @@
+"""Scale: 1,000 clients with 1% taking part in each round, against 10 clients all taking part.
+
+    python benchmarks/scale.py                 # writes benchmarks/results/scale/scale.json
+    python benchmarks/run.py --sections scale       # the same, into the mode's summary.json
+
+Both runs give every client the same data (Fashion-MNIST, IID, `PER_CLIENT` private samples
+each) and run the same FedAvg rounds of 10 clients, side by side in this process' run:
+
+- `scale_round_time_ratio_1000_vs_10`: the median round time after round 1 (round 1 starts
+  Ray's actors and loads their data; the median, since this machine's cores are shared). Each
+  round of the 1,000-client run also asks its newly sampled nodes for their architecture, once
+  per node, which the 10-client run did in round 1;
+- `scale_peak_memory_ratio_1000_vs_10`: the peak resident memory of the whole process tree
+  (`flwr-kd`, Flower's SuperLink and simulation process, Ray and its actors), sampled with
+  psutil over the children of `flwr-kd`, recursively;
+- `flower_poll_ms_per_tick`: what is Flower's own: its simulation engine looks for messages
+  to deliver with one `LinkState.get_message_ins` call per node, every 0.1 s, each scanning
+  every stored message; measured here on Flower's in-memory LinkState with 10 messages
+  pending, at 10 and at 1,000 nodes.
+
+Needs Fashion-MNIST (`sudo apt-get install dataset-fashion-mnist`). Tiny model, 1 local epoch,
+no baseline: about 5 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import ROOT, flwr_kd, save
+
+PER_CLIENT = 40  # private samples per client: 32 to train on, 8 held out
+PARTICIPANTS = 10  # clients per round, in both runs
+POPULATIONS = (10, 1000)
+
+
+def scale_args(clients: int, rounds: int, strategy: str = "fedavg") -> list[str]:
+    """`flwr-kd simulate` arguments of one population: the same data per client and the same
+    10 participants per round."""
+    return [
+        "simulate",
+        *("--strategy", strategy, "--dataset", "fashion-mnist", "--clients", str(clients)),
+        *("--partitioner", "iid", "--alpha", "0", "--rounds", str(rounds)),
+        *("--archs", "test_resnet", "--local-epochs", "1", "--distill-steps", "5"),
+        "--no-baseline",
+        *("-c", f"fraction-train={PARTICIPANTS / clients}"),
+        *("-c", f"max-private={PER_CLIENT * clients}", "-c", "max-test=500"),
+        *("-c", "public-fraction=0.05", "-c", "subset-size=500"),
+    ]
+
+
+def flower_poll_seconds(num_nodes: int, pending: int = 10, ticks: int = 5) -> float:
+    """One pass of Flower's simulation engine over its nodes (`vce_api.add_messages_to_queue`)
+    on its in-memory LinkState, with `pending` messages stored."""
+    from flwr.app import Message, RecordDict
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.server.superlink.fleet.vce.vce_api import _register_nodes
+    from flwr.server.superlink.linkstate import LinkStateFactory
+    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.superlink.federation import NoOpFederationManager
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+    factory = LinkStateFactory(
+        FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory()
+    )
+    nodes = list(_register_nodes(num_nodes, factory))
+    state = factory.state()
+    run_id = state.create_run(None, None, None, {}, "@none/default", None, None, "serverapp")
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, SUPERLINK_NODE_ID
+    grid = InMemoryGrid(factory)
+    grid.set_run(Run.create_empty(run_id))
+    messages = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in nodes]
+    grid.push_messages(messages[:pending])
+    t0 = time.perf_counter()
+    for _ in range(ticks):
+        for node in nodes:
+            state.get_message_ins(node_id=node, limit=1)
+    return (time.perf_counter() - t0) / ticks
+
+
+def _round_times(result: dict) -> list[float]:
+    return [row["seconds"] for row in result["rounds"]]
+
+
+def scale_section(out: Path, rounds: int = 5, strategy: str = "fedavg") -> dict:
+    """Both populations, one after the other, in subprocesses; the ratios and their inputs."""
+    runs = {}
+    for clients in POPULATIONS:
+        result, memory = flwr_kd(scale_args(clients, rounds, strategy), out / f"{clients}", True)
+        times = _round_times(result)
+        runs[clients] = {
+            "round_seconds": times,
+            "round_seconds_after_first": round(float(np.median(times[1:])), 3),
+            "phases": [row["time"] for row in result["rounds"]],
+            "client_compute": [row["client_compute"] for row in result["rounds"]],
+            "replies": [row["replies"] for row in result["rounds"]],
+            "wall_seconds": result["wall_seconds"],
+            **memory,
+        }
+    small, large = (runs[c] for c in POPULATIONS)
+    poll = {n: round(1000 * flower_poll_seconds(n), 2) for n in POPULATIONS}
+    data = {
+        "config": {
+            "strategy": strategy,
+            "rounds": rounds,
+            "participants_per_round": PARTICIPANTS,
+            "private_samples_per_client": PER_CLIENT,
+        },
+        "runs": {str(c): r for c, r in runs.items()},
+        "scale_round_time_ratio_1000_vs_10": round(
+            large["round_seconds_after_first"] / small["round_seconds_after_first"], 3
+        ),
+        "scale_peak_memory_ratio_1000_vs_10": round(
+            large["peak_total_mib"] / small["peak_total_mib"], 3
+        ),
+        "flower_poll_ms_per_tick": {str(n): ms for n, ms in poll.items()},
+    }
+    save(out, "scale", data)
+    return data
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--strategy", default="fedavg")
+    args = parser.parse_args()
+    out = ROOT / "benchmarks" / "results" / "scale"
+    out.mkdir(parents=True, exist_ok=True)
+    data = scale_section(out, args.rounds, args.strategy)
+    print(json.dumps({k: v for k, v in data.items() if k != "runs"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
