@@ -16,7 +16,7 @@ MLFLOW_VENV    ?= .venv-mlflow
 MLFLOW_VERSION ?= 3.17.2
 MLFLOW_STAMP   := $(MLFLOW_VENV)/.installed
 
-.PHONY: demo test venvs lint bench bench-quick clean gpu-check
+.PHONY: demo test venvs lint bench bench-quick fashion-mnist clean gpu-check
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -24,16 +24,18 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
-$(CHECKOV_STAMP):
-	test -x $(CHECKOV_VENV)/bin/python || python3 -m venv $(CHECKOV_VENV)
-	$(CHECKOV_VENV)/bin/pip install --quiet --upgrade pip
-	$(CHECKOV_VENV)/bin/pip install --quiet 'checkov==$(CHECKOV_VERSION)'
+# The two tool venvs hold no torch, so uv (installed in .venv with flwr) builds them: it
+# downloads in parallel and installs in seconds where pip takes minutes.
+UV := $(VENV)/bin/uv
+
+$(CHECKOV_STAMP): $(STAMP)
+	$(UV) venv --quiet --allow-existing --python python3 $(CHECKOV_VENV)
+	$(UV) pip install --quiet --python $(CHECKOV_VENV)/bin/python 'checkov==$(CHECKOV_VERSION)'
 	touch $(CHECKOV_STAMP)
 
-$(MLFLOW_STAMP):
-	test -x $(MLFLOW_VENV)/bin/python || python3 -m venv $(MLFLOW_VENV)
-	$(MLFLOW_VENV)/bin/pip install --quiet --upgrade pip
-	$(MLFLOW_VENV)/bin/pip install --quiet 'mlflow==$(MLFLOW_VERSION)'
+$(MLFLOW_STAMP): $(STAMP)
+	$(UV) venv --quiet --allow-existing --python python3 $(MLFLOW_VENV)
+	$(UV) pip install --quiet --python $(MLFLOW_VENV)/bin/python 'mlflow==$(MLFLOW_VERSION)'
 	touch $(MLFLOW_STAMP)
 
 ## FedDF on the embedded digits dataset: 8 clients, 3 architectures, alpha 0.5, 5 rounds.
@@ -46,7 +48,7 @@ test: venvs lint
 	CHECKOV=$(CURDIR)/$(CHECKOV_VENV)/bin/checkov \
 		MLFLOW_SERVER_CLI=$(CURDIR)/$(MLFLOW_VENV)/bin/mlflow $(PY) -m pytest -q
 
-## The three environments, built side by side (pip mostly waits on disk and unpacking).
+## The three environments: .venv with pip (torch from local disk), then the tool venvs with uv.
 venvs:
 	$(MAKE) -j3 $(STAMP) $(CHECKOV_STAMP) $(MLFLOW_STAMP)
 
@@ -59,14 +61,16 @@ clean:
 	rm -rf runs .pytest_cache
 
 ## Benchmarks (results and REPORT.md under benchmarks/); Fashion-MNIST comes from Debian.
-bench: $(STAMP)
+bench: $(STAMP) fashion-mnist
+	$(PY) benchmarks/run.py --mode full
+
+bench-quick: $(STAMP) fashion-mnist
+	$(PY) benchmarks/run.py --mode quick
+
+fashion-mnist:
 	@test -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz || \
 		{ [ "$$(id -u)" = 0 ] && apt-get install -y dataset-fashion-mnist; } || \
 		{ echo "Fashion-MNIST missing: sudo apt-get install dataset-fashion-mnist"; exit 1; }
-	$(PY) benchmarks/run.py --mode full
-
-bench-quick: $(STAMP)
-	$(PY) benchmarks/run.py --mode quick
 
 ## A short FedDF on an NVIDIA GPU (about a minute): fails unless training, logits, distillation
 ## and evaluation all ran on the GPU, and prints samples/s next to the same run on the CPU.
