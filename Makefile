@@ -43,10 +43,11 @@ demo: $(STAMP)
 	$(VENV)/bin/flwr-kd simulate --strategy feddf --dataset digits --clients 8 --alpha 0.5 \
 		--rounds 5 --out runs/demo
 
-## The whole test suite (starts and stops what it needs itself).
+## The whole test suite (starts and stops what it needs itself), on two workers, one test module
+## per worker at a time (most of the time goes to waiting on the processes the tests start).
 test: venvs lint
 	CHECKOV=$(CURDIR)/$(CHECKOV_VENV)/bin/checkov \
-		MLFLOW_SERVER_CLI=$(CURDIR)/$(MLFLOW_VENV)/bin/mlflow $(PY) -m pytest -q
+		MLFLOW_SERVER_CLI=$(CURDIR)/$(MLFLOW_VENV)/bin/mlflow $(PY) -m pytest -q -n 2 --dist loadfile
 
 ## The three environments: .venv with pip (torch from local disk), then the tool venvs with uv.
 venvs:
