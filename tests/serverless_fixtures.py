@@ -1,6 +1,8 @@
 """Real local stand-ins for the serverless tests (`test_serverless.py`): fake-gcs-server and the
-Firestore emulator for the session, and a small "deployment" of functions-framework processes
-(client and aggregator functions of `cloud/main.py`) per module.
+Firestore emulator for the session, a small "deployment" of functions-framework processes
+(client and aggregator functions of `cloud/main.py`) per module, and one emulated stack for the
+session (`gated_stack`: as `cloud emulate` starts it, every function acting as its own
+identity through the IAM gates that terraform/'s grants configure).
 
 Every process started here is stopped here, by its PID (process group), also when starting
 another one fails. The emulators are named to the code under test by environment variables,
@@ -33,6 +35,7 @@ ARCHS = ["resnet10t", "test_vit"]
 NUM_CLIENTS = 3
 CLIENT_IDS = [f"client-{i}" for i in range(NUM_CLIENTS)]  # sorted = partition order (< 10)
 MAX_BODY_BYTES = 1 << 20  # client-0's FLWR_KD_MAX_BODY_BYTES (the default is 32 MiB)
+STACK_CLIENTS = 4  # clients of `gated_stack`
 
 
 def experiment_flags(strategy: str = "feddf", rounds: int = 2, *extra: str) -> list[str]:
@@ -168,6 +171,47 @@ def ensure_bucket(name: str) -> None:
 
 def list_objects(bucket: str, prefix: str = "") -> list[str]:
     return sorted(b.name for b in storage_client().list_blobs(bucket, prefix=prefix))
+
+
+@dataclass
+class GatedStack:
+    """The session's emulated stack and the `terraform output -json` that `cloud run` reads."""
+
+    stack: object  # flwr_kd.serverless.emulate.EmulatedStack
+    outputs: Path
+
+    @property
+    def bucket(self) -> str:
+        return self.stack.bucket
+
+
+@pytest.fixture(scope="session")
+def gated_stack(gcp_emulators, tmp_path_factory):
+    """`cloud emulate`'s stack (4 one-instance client functions, supervised, an aggregator per
+    architecture), each function acting as its own service account through the storage and
+    Firestore gates, without the Cloud Run front ends (so `cloud run --no-auth` reaches the
+    functions). Shared by test_reliability and test_forgery; this process stays on the plain
+    emulators (the driver's own permissions are bucket-wide anyway)."""
+    from flwr_kd.experiment import ExperimentConfig
+    from flwr_kd.serverless.emulate import EmulatedStack
+
+    cfg = ExperimentConfig(num_clients=STACK_CLIENTS, archs=",".join(ARCHS))
+    with pytest.MonkeyPatch.context() as mp:  # the stack points this process at the gates
+        for key, value in gcp_emulators.env.items():
+            mp.setenv(key, value)
+        stack = EmulatedStack(cfg, log_dir=tmp_path_factory.mktemp("stack-logs"), front_end=False)
+        stack.__enter__()
+    try:
+        dep = stack.deployment()
+        outputs = tmp_path_factory.mktemp("stack") / "outputs.json"
+        clients = {c.client_id: (c.url, c.arch) for c in dep.clients}
+        outputs.write_text(json.dumps(terraform_outputs(clients, dep.aggregators, dep.bucket)))
+        yield GatedStack(stack, outputs)
+    finally:
+        with pytest.MonkeyPatch.context() as mp:  # closing puts the gates' environment back
+            for key in gcp_emulators.env:
+                mp.setenv(key, os.environ.get(key, ""))
+            stack.__exit__(None, None, None)
 
 
 def invocation_docs(run: str, rounds: int) -> dict[int, dict[str, dict]]:

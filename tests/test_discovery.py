@@ -5,9 +5,10 @@ API (no emulator of that API exists): the stand-in returns objects shaped like
 from __future__ import annotations
 
 import pytest
+from google.api_core.exceptions import PermissionDenied
 from google.cloud import functions_v2
 
-from flwr_kd.serverless.deployment import DeploymentError, check_active, discover
+from flwr_kd.serverless.deployment import Deployment, DeploymentError, check_active, discover
 
 PROJECT, REGION = "demo-p", "europe-west1"
 
@@ -93,3 +94,52 @@ def test_check_active_passes_when_all_are_active():
     check_active(
         PROJECT, REGION, [c.url for c in dep.clients] + list(dep.aggregators.values()), client=api
     )
+
+
+def test_discover_takes_the_database_and_data_prefixes_from_the_functions():
+    api = deployed()
+    for fn in api.functions[:4]:
+        fn.service_config.environment_variables["FLWR_KD_FIRESTORE_DATABASE"] = "kd-runs"
+    api.functions[0].service_config.environment_variables["FLWR_KD_DATA_PREFIX"] = (
+        "clients/c0/data/custom/"
+    )
+    dep = discover(PROJECT, REGION, "kd", client=api)
+    assert dep.firestore_database == "kd-runs"
+    assert [(c.root, c.data_prefix) for c in dep.clients] == [
+        ("clients/c0/", "clients/c0/data/custom/"),
+        ("clients/c1/", "clients/c1/data/"),
+    ]
+
+
+def test_terraform_outputs_give_roots_data_prefixes_and_the_database():
+    outputs = {
+        "client_function_urls": {"value": {"c0": "https://pool", "c1": "https://pool"}},
+        "client_architectures": {"value": {"c0": "resnet10t", "c1": "resnet10t"}},
+        "client_roots": {"value": {"c0": "pools/resnet10t/clients/c0/", "c1": "clients/c1/"}},
+        "client_data_prefixes": {"value": {"c1": "clients/c1/data/elsewhere/"}},
+        "aggregator_function_urls": {"value": {"resnet10t": "https://agg"}},
+        "arrays_bucket": {"value": "arrays"},
+        "firestore_database": {"value": "kd-runs"},
+    }
+    dep = Deployment.from_terraform_outputs(outputs)
+    assert dep.firestore_database == "kd-runs"
+    assert [(c.client_id, c.root, c.data_prefix) for c in dep.clients] == [
+        ("c0", "pools/resnet10t/clients/c0/", "pools/resnet10t/clients/c0/data/"),
+        ("c1", "clients/c1/", "clients/c1/data/elsewhere/"),
+    ]
+    outputs["client_data_prefixes"]["value"]["c1"] = "clients/c0/data/"  # another client's
+    with pytest.raises(ValueError, match="outside its root clients/c1/"):
+        Deployment.from_terraform_outputs(outputs)
+
+
+class ForbiddenApi:
+    """The Cloud Functions API as a driver without roles/cloudfunctions.viewer sees it."""
+
+    def list_functions(self, parent: str):
+        raise PermissionDenied("Permission 'cloudfunctions.functions.list' denied")
+
+
+def test_check_active_without_the_permission_warns_and_names_it(capsys):
+    check_active(PROJECT, REGION, ["https://kd-client-c0.run.app"], client=ForbiddenApi())
+    err = capsys.readouterr().err
+    assert "warning" in err and "cloudfunctions.functions.list" in err, err

@@ -1,11 +1,13 @@
 """Reliability: injected faults and invalid replies against the emulated serverless stack, the
 fault injector itself, the simulation's fault mod, and the round deadline for stragglers.
 
-The end-to-end tests drive one emulated stack (started as `flwr-kd cloud emulate` starts it)
-with `flwr-kd cloud run`: every fault kind at once (FedDF), every invalid reply (FedMD), and a
-straggler. Draws are a pure function of (seed, round, client, message type, attempt), so the
-tests compute what was injected into each call, and what must have come of it, and check
-Firestore and the result against that, call by call.
+The end-to-end tests drive the session's emulated stack (started as `flwr-kd cloud emulate`
+starts it, each function acting as its own service account) with `flwr-kd cloud run`: every
+fault kind at once (FedDF), every invalid reply (FedMD), and a straggler. Draws are a pure
+function of (seed, round, client, message type, attempt), so the tests compute what was
+injected into each call, and what must have come of it, and check the invocation documents
+(which the driver writes from the functions' call records) and the result against that, call
+by call.
 """
 
 from __future__ import annotations
@@ -22,12 +24,14 @@ import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.clientapp import ClientApp
 from inprocess_grid import InProcessGrid, node_id_of
+
+pytest.register_assert_rewrite("serverless_fixtures")  # it is also a plugin (below)
 from serverless_fixtures import (
-    ARCHS,
     EMULATE_BUCKET,
+    STACK_CLIENTS,
+    ensure_bucket,
     experiment_flags,
     invocation_docs,
-    terraform_outputs,
 )
 
 from flwr_kd import protocol
@@ -48,6 +52,7 @@ from flwr_kd.faults import (
 from flwr_kd.records import state_to_record
 from flwr_kd.report import ServerTestScore
 from flwr_kd.runner import initial_arrays
+from flwr_kd.serverless import names
 from flwr_kd.serverless.arraystore import GcsArrayStore
 from flwr_kd.serverless.audit import audit_run
 from flwr_kd.serverless.grid import ClientEndpoint, CloudFunctionGrid, GridOptions
@@ -245,6 +250,7 @@ def test_stragglers_are_cut_by_the_round_deadline():
     thread.start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}"
+        ensure_bucket(EMULATE_BUCKET)  # where the message goes (its inbox) before the call
         store = GcsArrayStore(EMULATE_BUCKET)
         grid = CloudFunctionGrid(
             [ClientEndpoint("client-slow", url, "resnet10t")],
@@ -302,24 +308,13 @@ def covering_seed() -> int:
 
 
 @pytest.fixture(scope="module")
-def stack(cloud_env, tmp_path_factory):
-    """The module's emulated deployment, as `cloud emulate` starts it (4 one-instance client
-    functions, supervised, and an aggregator per architecture); the end-to-end runs drive it with
-    `cloud run --outputs`, the straggler's last (its hung call outlives the run)."""
-    from flwr_kd.serverless.emulate import EmulatedStack
-
-    cfg = ExperimentConfig(num_clients=len(CLIENT_IDS), archs=",".join(ARCHS))
-    with EmulatedStack(cfg, log_dir=tmp_path_factory.mktemp("stack-logs")) as emulated:
-        dep = emulated.deployment()
-        outputs = tmp_path_factory.mktemp("stack") / "outputs.json"
-        outputs.write_text(
-            json.dumps(
-                terraform_outputs(
-                    {c.client_id: (c.url, c.arch) for c in dep.clients}, dep.aggregators, dep.bucket
-                )
-            )
-        )
-        yield outputs
+def stack(cloud_env, gated_stack):
+    """The session's emulated deployment, as `cloud emulate` starts it (4 one-instance client
+    functions, supervised, and an aggregator per architecture, each acting as its own service
+    account); the end-to-end runs drive it with `cloud run --outputs`, the straggler's last (its
+    hung call outlives the run)."""
+    assert len(CLIENT_IDS) == STACK_CLIENTS
+    return gated_stack.outputs
 
 
 def drive_argv(outputs, *flags: str) -> list[str]:
@@ -429,7 +424,7 @@ def test_the_run_audits_complete_and_final_models_evaluate_to_the_reported_accur
     assert main(["cloud", "audit", run]) == 0
     cfg = config_from_args(_parser().parse_args(argv))
     data = load_federated(cfg.data_spec)
-    state = GcsArrayStore(EMULATE_BUCKET).get(f"runs/{run}/rounds/{ROUNDS}/global.npz")
+    state = GcsArrayStore(EMULATE_BUCKET).get(names.global_object(run, ROUNDS))
     scores = ServerTestScore(cfg.arch_list, data.model_spec, data.test_x, data.test_y)(
         ROUNDS, state_to_record(state)
     )

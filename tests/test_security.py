@@ -1,9 +1,10 @@
 """ID-token verification at the Cloud Function boundary (`verify_caller`, `as_response`).
 
 A real client function process of `cloud/main.py` runs with `FLWR_KD_VERIFY_TOKENS=1`; its
-`FLWR_KD_TOKEN_CERTS_URL` names a local signer: an RSA key with a self-signed certificate,
-served as Google serves its certificates (`{"<kid>": "<PEM>"}`) by an HTTP server on 127.0.0.1.
-Tokens are signed with google-auth's own `RSASigner` and `jwt.encode`.
+`FLWR_KD_TOKEN_CERTS_URL` names the local token service (`flwr_kd.serverless.tokenservice`): an
+RSA key with a self-signed certificate, served as Google serves its certificates
+(`{"<kid>": "<PEM>"}`) by an HTTP server on 127.0.0.1. Tokens are signed with google-auth's own
+`RSASigner` and `jwt.encode`.
 
 Every request carries a malformed JSON body: one that passes authentication gets the 400
 "malformed JSON" error (so the check demonstrably let it through), and nothing is written.
@@ -12,23 +13,16 @@ Every request carries a malformed JSON body: one that passes authentication gets
 from __future__ import annotations
 
 import base64
-import datetime
-import http.server
-import json
 import re
 import subprocess
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import requests
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
-from google.auth import crypt, jwt
 
 pytest.register_assert_rewrite("serverless_fixtures")  # it is also a plugin (below)
 from serverless_fixtures import CLOUD_MAIN, ensure_bucket, function_env, list_objects, started
@@ -36,13 +30,13 @@ from serverless_fixtures import CLOUD_MAIN, ensure_bucket, function_env, list_ob
 from flwr_kd.serverless.emulators import FunctionProcess
 from flwr_kd.serverless.functions.errors import HttpError
 from flwr_kd.serverless.functions.tokens import verify_caller
+from flwr_kd.serverless.tokenservice import KEY_ID, TokenService, rsa_signer
 
 # the fixtures (emulators, cloud_env)
 pytest_plugins = ["serverless_fixtures"]
 
 BUCKET = "kd-tests-security"
 INVOKER = "driver@demo.iam.gserviceaccount.com"
-KID = "flwr-kd-test-key"
 MALFORMED_BODY = b"{not json"
 JSON = {"Content-Type": "application/json"}
 
@@ -50,94 +44,25 @@ JSON = {"Content-Type": "application/json"}
 # ---------------------------------------------------------------------------------- signer
 
 
-def _private_key() -> rsa.RSAPrivateKey:
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+class DriverTokens(TokenService):
+    """The token service, minting tokens of the driver (`INVOKER`) unless told otherwise;
+    `other` signs with a key it does not serve (under the same key id, so only the signature
+    check can reject it)."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.other, _ = rsa_signer(KEY_ID)
 
-def _pem(key: rsa.RSAPrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-
-
-def _self_signed_cert(key: rsa.RSAPrivateKey) -> str:
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "flwr-kd test signer")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    return cert.public_bytes(serialization.Encoding.PEM).decode()
-
-
-@dataclass
-class Signer:
-    """The local signer: its key's certificate is served; `other` signs with a key that is not
-    (under the same key id, so only the signature check can reject it)."""
-
-    signer: crypt.RSASigner
-    other: crypt.RSASigner
-    certs: dict[str, str]
-    certs_url: str = ""
-    fetches: list[str] = field(default_factory=list)
-
-    def token(self, audience: str, *, signer: crypt.RSASigner | None = None, **claims) -> str:
-        """A signed ID token; `claims` override (or with None, drop) the defaults of a valid
-        token of the driver for `audience`."""
-        now = int(time.time())
-        payload = {
-            "iss": "https://accounts.google.com",
-            "aud": audience,
-            "sub": "112233445566778899000",
-            "email": INVOKER,
-            "email_verified": True,
-            "iat": now - 10,
-            "exp": now + 600,
-        }
-        payload.update(claims)
-        payload = {k: v for k, v in payload.items() if v is not None}
-        return jwt.encode(signer or self.signer, payload).decode()
+    def token(self, audience, *, signer=None, **claims) -> str:
+        return super().token(audience, signer=signer, **{"email": INVOKER, **claims})
 
 
 @pytest.fixture(scope="module")
 def signer():
-    """The signer, its certificates served as JSON on a free port of 127.0.0.1 for the module."""
-    key = _private_key()
-    sig = Signer(
-        signer=crypt.RSASigner.from_string(_pem(key), key_id=KID),
-        other=crypt.RSASigner.from_string(_pem(_private_key()), key_id=KID),
-        certs={KID: _self_signed_cert(key)},
-    )
-
-    class CertsHandler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            sig.fetches.append(self.path)
-            body = json.dumps(sig.certs).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), CertsHandler)
-    thread = threading.Thread(target=server.serve_forever, name="certs-server", daemon=True)
-    thread.start()
-    try:
-        sig.certs_url = f"http://127.0.0.1:{server.server_address[1]}/oauth2/v1/certs"
-        yield sig
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+    """The token service, its certificates served as JSON on a free port of 127.0.0.1 for the
+    module."""
+    with DriverTokens() as service:
+        yield service
 
 
 # -------------------------------------------------------------------------------- function
@@ -207,7 +132,7 @@ def test_token_signed_by_another_key_is_401(secure_client, signer):
 
 
 def test_token_of_unknown_key_id_is_401(secure_client, signer):
-    stranger = crypt.RSASigner.from_string(_pem(_private_key()), key_id="someone-else")
+    stranger, _ = rsa_signer("someone-else")
     token = signer.token(secure_client.url, signer=stranger)
     error = error_of(secure_client.post(f"Bearer {token}"), 401)
     assert error.startswith("invalid ID token")
@@ -281,7 +206,7 @@ def test_valid_driver_token_passes_authentication(secure_client, signer, issuer)
 # ------------------------------------------------------------------ no secrets in errors/logs
 
 
-def bad_tokens(signer: Signer, audience: str) -> dict[str, str]:
+def bad_tokens(signer: DriverTokens, audience: str) -> dict[str, str]:
     """Tokens the check must reject, each carrying a signature worth keeping secret."""
     valid = signer.token(audience)
     header, payload, signature = valid.split(".")

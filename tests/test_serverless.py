@@ -8,6 +8,7 @@ Fixtures (emulators, a deployment of function processes) live in `serverless_fix
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import hashlib
@@ -45,15 +46,28 @@ from serverless_fixtures import (
 
 from flwr_kd import protocol
 from flwr_kd.cli import main
-from flwr_kd.serverless import wire
+from flwr_kd.experiment import ExperimentConfig
+from flwr_kd.serverless import names, wire
 from flwr_kd.serverless.arraystore import (
     AlreadyExists,
     ArrayStoreError,
     GcsArrayStore,
     GcsStateStore,
 )
+from flwr_kd.serverless.callrecords import (
+    COMPUTE,
+    FROM_RECORD,
+    REFUSED,
+    read_history,
+    took_over_event,
+)
+from flwr_kd.serverless.emulate import stack_policy
+from flwr_kd.serverless.functions.claims import claim_call, finish_call
+from flwr_kd.serverless.functions.env import FunctionEnv, ServedClient
+from flwr_kd.serverless.functions.errors import HttpError
 from flwr_kd.serverless.names import node_id_for
 from flwr_kd.serverless.roundstore import DONE, RUNNING, RoundStore
+from flwr_kd.serverless.trust import UntrustedReply, trusted_reply
 
 # the fixtures (emulators, cloud_env, deployment, live_deployment)
 pytest_plugins = ["serverless_fixtures"]
@@ -227,17 +241,32 @@ def test_create_run_twice_names_resume():
         rounds.get_run(unique("absent"))
 
 
-def test_begin_invocation_is_create_once():
-    rounds, run = RoundStore(), unique("run")
-    rounds.create_run(run, {}, "feddf")
-    assert rounds.begin_invocation(run, 1, "client-0:train", "m1") is None
-    prior = rounds.begin_invocation(run, 1, "client-0:train", "m1")
-    assert (prior["status"], prior["message_id"], prior["attempts"]) == (RUNNING, "m1", 2)
-    rounds.end_invocation(run, 1, "client-0:train", {"status": DONE, "seconds": {"total": 1.0}})
-    prior = rounds.begin_invocation(run, 1, "client-0:train", "m1")
-    assert (prior["status"], prior["attempts"]) == (DONE, 3)
-    assert rounds.begin_invocation(run, 2, "client-0:train", "m2") is None  # another round
-    assert [d["id"] for d in rounds.invocations(run, 1)] == ["client-0:train"]
+def test_a_call_is_claimed_once_per_attempt_and_answered_from_its_record(store):
+    """The function side of the call records (create-only objects, no Firestore): each request
+    creates the next attempt; one that finds an earlier attempt unfinished is refused (409)
+    unless the function runs one instance; a finished call answers from its record."""
+    run, root = unique("claims"), "clients/client-0/"
+    records = names.client_call_records(root, run, 1, protocol.TRAIN)
+    first = claim_call(store, records, "m1", "driver@x", one_instance=False)
+    assert (first.attempt, first.recorded) == (1, None)
+    with pytest.raises(HttpError, match="in progress") as refused:
+        claim_call(store, records, "m1", "driver@x", one_instance=False)
+    assert refused.value.status == 409
+    history = read_history(store, records)
+    assert [a["action"] for a in history.attempts] == [COMPUTE, REFUSED] and history.reply is None
+    took_over = claim_call(store, records, "m1", None, one_instance=True)
+    assert (took_over.attempt, took_over.events) == (3, [took_over_event(3)])
+    finish_call(store, took_over, {"status": DONE, "message_id": "m1", "reply": {"r": 1}})
+    again = claim_call(store, records, "m1", "driver@x", one_instance=False)
+    assert (again.attempt, again.recorded["reply"], again.recorded["attempt"]) == (4, {"r": 1}, 3)
+    with pytest.raises(AlreadyExists):  # nothing of a call is ever replaced
+        store.put_json(names.attempt_object(records, 1), {"forged": True})
+    other = names.client_call_records(root, run, 2, protocol.TRAIN)  # another round
+    assert claim_call(store, other, "m2", None, one_instance=False).attempt == 1
+    assert store.list(f"{root}outbox/{run}/") == sorted(
+        [names.attempt_object(records, n) for n in (1, 2, 3, 4)]
+        + [names.reply_object(records), names.attempt_object(other, 1)]
+    )
 
 
 def test_finish_round_marks_done_and_stores_state():
@@ -245,9 +274,7 @@ def test_finish_round_marks_done_and_stores_state():
     rounds.create_run(run, {}, "feddf")
     rounds.start_round(run, 1)
     assert rounds.rounds(run)[0]["status"] == RUNNING
-    rounds.finish_round(
-        run, 1, {"replies": 3}, {"arrays": f"runs/{run}/rounds/1/global.npz", "round": 1}
-    )
+    rounds.finish_round(run, 1, {"replies": 3}, {"arrays": names.global_object(run, 1), "round": 1})
     (doc,) = rounds.rounds(run)
     assert (
         (doc["status"], doc["round"], doc["replies"]) == (DONE, 1, 3)
@@ -256,11 +283,26 @@ def test_finish_round_marks_done_and_stores_state():
     )
     run_doc = rounds.get_run(run)
     assert run_doc["last_done_round"] == 1
-    assert run_doc["state"] == {"arrays": f"runs/{run}/rounds/1/global.npz", "round": 1}
+    assert run_doc["state"] == {"arrays": f"runs/{run}/global/1.npz", "round": 1}
     rounds.start_round(run, 2)
     rounds.fail_round(run, 2, "RuntimeError: boom")
     assert [(d["round"], d["status"]) for d in rounds.rounds(run)] == [(1, DONE), (2, "failed")]
     assert rounds.get_run(run)["last_done_round"] == 1
+
+
+def test_a_function_serves_its_own_client_or_the_pool_client_a_message_names():
+    isolated = FunctionEnv("b", "resnet10t", client_id="c1", data_prefix="clients/c1/data/x/")
+    assert isolated.serving(None) == ServedClient("c1", "clients/c1/", "clients/c1/data/x/")
+    assert isolated.serving("c1").root == "clients/c1/"
+    with pytest.raises(HttpError, match="message for client 'c2', this is 'c1'"):
+        isolated.serving("c2")
+    pool = FunctionEnv("b", "resnet10t", pool="resnet10t")
+    assert pool.serving("c7") == ServedClient(
+        "c7", "pools/resnet10t/clients/c7/", "pools/resnet10t/clients/c7/data/"
+    )
+    for bad in (None, "", "../c1", "a/b", 7):
+        with pytest.raises(HttpError, match="needs the envelope's 'client'"):
+            pool.serving(bad)
 
 
 # ================================================================================= wire
@@ -287,11 +329,11 @@ def test_wire_round_trip_offloads_only_large_records(store):
         message_type="train",
         message_id=f"{run}.r1.client-0.train",
     )
-    prefix = f"runs/{run}/rounds/1/messages/client-0/{run}.r1.client-0.train"
+    prefix = f"clients/client-0/inbox/{run}/1/{run}.r1.client-0.train"
     body, written = wire.encode(msg, run=run, server_round=1, store=store, prefix=prefix)
     assert body["objects"] == {"big": f"{prefix}/big.npz"}
     assert (body["version"], body["run"], body["round"]) == (1, run, 1)
-    assert store.list(f"runs/{run}/") == [f"{prefix}/big.npz"]
+    assert store.list(f"clients/client-0/inbox/{run}/") == [f"{prefix}/big.npz"]
     assert (
         written
         == storage_client().bucket(STORES_BUCKET).get_blob(f"{prefix}/big.npz").size
@@ -323,10 +365,10 @@ def test_wire_small_message_travels_inline(store):
         message_id="m",
     )
     body, written = wire.encode(
-        msg, run=run, server_round=0, store=store, prefix=f"runs/{run}/rounds/0/messages/m"
+        msg, run=run, server_round=0, store=store, prefix=f"clients/c/inbox/{run}/0/m"
     )
     assert (body["objects"], written) == ({}, 0)
-    assert store.list(f"runs/{run}/") == []
+    assert store.list(f"clients/c/inbox/{run}/") == []
     np.testing.assert_array_equal(
         wire.decode(body, store).content["small"]["x"].numpy(), np.arange(10)
     )
@@ -362,15 +404,60 @@ def test_parse_envelope_names_the_bad_field(change, named):
 
 
 @pytest.mark.usefixtures("server_task_identity")
+def test_the_driver_believes_only_what_the_addressed_client_could_have_written(store):
+    run, root = unique("trust"), "clients/client-1/"
+    own_outbox = names.reply_prefix(root, run, 1, protocol.TRAIN)
+    sent = make_message(
+        {"config": ConfigRecord({"server-round": 1})},
+        dst=node_id_for("client-1"),
+        message_type=protocol.TRAIN,
+        message_id=f"{run}.r1.client-1.train",
+    )
+    logits = RecordDict({"logits": ArrayRecord({"logits": Array(np.ones((4, 10), np.float16))})})
+
+    def answer(reply: Message, prefix: str = own_outbox, stored=("logits",)) -> dict:
+        body, _ = wire.encode(
+            reply, run=run, server_round=1, store=store, prefix=prefix, always_store=stored
+        )
+        return body
+
+    def reply_to(node: int, message_id: str) -> Message:
+        return Message(RecordDict({}), reply_to=make_message({}, node, "train", message_id))
+
+    good = answer(Message(logits, reply_to=sent))
+    assert good["objects"] == {"logits": f"{root}outbox/{run}/1/train/logits.npz"}
+    check = functools.partial(
+        trusted_reply,
+        sent=sent,
+        client_id="client-1",
+        root=root,
+        run=run,
+        server_round=1,
+        store=store,
+    )
+    assert check(good).content["logits"]["logits"].numpy().shape == (4, 10)
+    other_outbox = f"clients/client-2/outbox/{run}/1/train"
+    refused = {
+        "outside client client-1's outbox": answer(Message(logits, reply_to=sent), other_outbox),
+        "reply for run": {**good, "round": 2},
+        "sent inline": answer(Message(logits, reply_to=sent), stored=()),
+        "reply from node 5": answer(reply_to(5, sent.metadata.message_id)),
+        "reply to message 'other'": answer(reply_to(node_id_for("client-1"), "other")),
+        "not a reply envelope": {**good, "version": 7},
+    }
+    for reason, payload in refused.items():
+        with pytest.raises(UntrustedReply, match=re.escape(reason)):
+            check(payload)
+
+
+@pytest.mark.usefixtures("server_task_identity")
 def test_decode_names_bad_message_and_objects(store):
     with pytest.raises(wire.WireError, match="field 'message'"):
         wire.decode({**GOOD_ENVELOPE, "message": "not base64 !!"}, store)
     msg = make_message(
         {"config": ConfigRecord({"a": 1})}, dst=1, message_type="train", message_id="m"
     )
-    body, _ = wire.encode(
-        msg, run="r", server_round=1, store=store, prefix="runs/r/rounds/1/messages/m"
-    )
+    body, _ = wire.encode(msg, run="r", server_round=1, store=store, prefix="clients/c/inbox/r/1/m")
     with pytest.raises(wire.WireError, match="record 'arrays'"):
         wire.decode({**body, "objects": {"arrays": 5}}, store)
 
@@ -403,10 +490,12 @@ def envelope(
     message_id: str | None = None,
     records: dict | None = None,
     config: dict | None = None,
+    inbox_of: str | None = "client-0",
 ) -> bytes:
     """A client message as the driver sends it (Flower proto in the JSON envelope), for the data
     split the `deployment` fixture uploaded; `records` are added to its content (inline) and
-    `config` to its config."""
+    `config` to its config. As the driver does, it is put into the inbox of `inbox_of` (the
+    client function it is posted to; None: nowhere, so the function knows no such message)."""
     config = {
         **deployed_data_config(),
         "server-round": server_round,
@@ -420,7 +509,14 @@ def envelope(
         message_id=message_id or f"{run}.r{server_round}.{to}.{message_type}",
     )
     body, _ = wire.encode(msg, run=run, server_round=server_round, store=None, prefix="unused")
-    return wire.to_json({**body, "objects": objects or {}})
+    body = {**body, "objects": objects or {}}
+    if inbox_of is not None:
+        sent = names.message_object(
+            names.client_root(inbox_of), run, server_round, msg.metadata.message_id
+        )
+        with contextlib.suppress(AlreadyExists):
+            GcsArrayStore(DEPLOY_BUCKET).put_json(sent, body)
+    return wire.to_json(body)
 
 
 @pytest.fixture(scope="module")
@@ -468,9 +564,9 @@ def boundary_case(case: str, run: str) -> tuple[bytes, str | None, int, list[str
             400,
             ["field 'message'"],
         )
-    if case == "unknown-run":
+    if case == "unknown-run":  # nothing in the inbox of this run
         other = unique("no-such-run")
-        return envelope(other), js, 404, [f"unknown run '{other}'"]
+        return envelope(other, inbox_of=None), js, 404, [f"unknown run '{other}'"]
     if case == "other-node":
         return (
             envelope(run, to="client-1"),
@@ -511,12 +607,12 @@ def boundary_case(case: str, run: str) -> tuple[bytes, str | None, int, list[str
             400,
             ["public inputs must have shape (n, 1, 16, 16)", "(4, 1, 28, 28)"],
         )
-    if case == "unknown-round":  # the boundary run has 3 rounds (0 is set-up)
+    if case == "unknown-round":  # the boundary run sent nothing in round 4
         return (
-            envelope(run, server_round=4),
+            envelope(run, server_round=4, inbox_of=None),
             js,
             404,
-            [f"unknown round 4 of run '{run}'", "rounds 0-3"],
+            [f"run '{run}' or round 4", f"clients/client-0/inbox/{run}/4/"],
         )
     if case == "bad-fault-settings":  # fault injection asked for with a kind that does not exist
         return (
@@ -525,7 +621,7 @@ def boundary_case(case: str, run: str) -> tuple[bytes, str | None, int, list[str
             400,
             ["bad fault-injection settings", "meteor"],
         )
-    own = f"runs/{run}/rounds/0/messages/client-0/"
+    own = f"clients/client-0/inbox/{run}/0/"
     if case == "object-outside-messages":  # e.g. another client's private data
         return (
             envelope(run, objects={"arrays": "clients/client-1/data/private.npz"}),
@@ -534,15 +630,15 @@ def boundary_case(case: str, run: str) -> tuple[bytes, str | None, int, list[str
             [f"must lie under {own}"],
         )
     if case == "object-of-another-client":
-        obj = f"runs/{run}/rounds/0/messages/client-1/m/arrays.npz"
+        obj = f"clients/client-1/inbox/{run}/0/m/arrays.npz"
         return envelope(run, objects={"arrays": obj}), js, 403, [f"must lie under {own}"]
     if case == "object-of-another-round":
-        obj = f"runs/{run}/rounds/1/messages/client-0/m/arrays.npz"
+        obj = f"clients/client-0/inbox/{run}/1/m/arrays.npz"
         return envelope(run, objects={"arrays": obj}), js, 403, [f"must lie under {own}"]
     if case == "object-not-a-string":
         return envelope(run, objects={"arrays": 5}), js, 403, [f"must lie under {own}"]
     if case == "missing-object":
-        obj = f"runs/{run}/rounds/0/messages/client-0/x/arrays.npz"
+        obj = f"clients/client-0/inbox/{run}/0/x/arrays.npz"
         return envelope(run, objects={"arrays": obj}), js, 400, [obj, "does not exist"]
     raise AssertionError(case)
 
@@ -584,7 +680,7 @@ def test_client_function_rejects_bad_requests_before_writing(live_deployment, bo
     assert list(payload) == ["error"], payload
     for word in words:
         assert word in payload["error"], payload["error"]
-    assert list_objects(DEPLOY_BUCKET) == objects_before
+    assert list_objects(DEPLOY_BUCKET) == objects_before  # no call record, no reply
     assert invocation_docs(boundary_run, 4) == {}
     if case == "unknown-run":  # nor is the unknown run created
         run = json.loads(body)["run"]
@@ -595,11 +691,12 @@ def test_client_function_rejects_bad_requests_before_writing(live_deployment, bo
 
 @pytest.mark.usefixtures("server_task_identity")
 def test_client_function_answers_a_repeated_message_from_its_record(live_deployment):
-    """The control for the test above: a good message is answered and recorded once; the same
-    message again gets the same answer, from the record (attempts counted)."""
+    """The control for the test above: a good message is answered and recorded once (in the
+    client's own call records); the same message again gets the same answer, from the record
+    (attempts counted)."""
     run = unique("control")
-    RoundStore().create_run(run, {}, "feddf")
     url = live_deployment.clients["client-0"].url
+    records = names.client_call_records("clients/client-0/", run, 0, protocol.DESCRIBE)
     first = post(url, envelope(run, arch="resnet10t"))
     assert first.status_code == 200, first.text
     reply = wire.decode(first.json(), GcsArrayStore(DEPLOY_BUCKET))
@@ -607,30 +704,32 @@ def test_client_function_answers_a_repeated_message_from_its_record(live_deploym
     assert reply.metadata.src_node_id == node_id_for("client-0")
     assert str(reply.content[protocol.CONFIG]["arch"]) == "resnet10t"
     assert int(reply.content[protocol.METRICS]["num-examples"]) > 0
-    (doc,) = invocation_docs(run, 0)[0].values()
-    assert (doc["id"], doc["status"], doc["attempts"]) == ("client-0:query.architecture", DONE, 1)
+    history = read_history(GcsArrayStore(DEPLOY_BUCKET), records)
+    doc = history.reply
+    assert (doc["message_id"], doc["status"], len(history.attempts)) == (
+        f"{run}.r0.client-0.query.architecture",
+        DONE,
+        1,
+    )
     assert doc["seconds"]["total"] >= doc["seconds"]["compute"] >= 0
     second = post(url, envelope(run, arch="resnet10t"))
     assert second.status_code == 200 and second.json() == first.json()
-    assert invocation_docs(run, 0)[0]["client-0:query.architecture"]["attempts"] == 2
+    history = read_history(GcsArrayStore(DEPLOY_BUCKET), records)
+    assert [a["action"] for a in history.attempts] == [COMPUTE, FROM_RECORD]
 
 
 @pytest.mark.usefixtures("server_task_identity")
 def test_retry_after_an_instance_crashed_mid_call_is_served(live_deployment):
-    """An instance that dies mid-call (OOM, crash) leaves its invocation document 'running'.
+    """An instance that dies mid-call (OOM, crash) leaves its attempt unfinished (no reply).
     A retry of the same message two hours later (past any function timeout) must be served,
     not refused as 'in progress' (409), which the grid retries until it gives up."""
     run = unique("crashed")
-    rounds = RoundStore()
-    rounds.create_run(run, {}, "feddf")
     message_id = f"{run}.r0.client-0.{protocol.DESCRIBE}"
-    rounds.invocation_ref(run, 0, f"client-0:{protocol.DESCRIBE}").create(
-        {
-            "status": RUNNING,
-            "message_id": message_id,
-            "attempts": 1,
-            "started": datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(hours=2),
-        }
+    records = names.client_call_records("clients/client-0/", run, 0, protocol.DESCRIBE)
+    started = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(hours=2)
+    GcsArrayStore(DEPLOY_BUCKET).put_json(
+        names.attempt_object(records, 1),
+        {"attempt": 1, "message_id": message_id, "action": COMPUTE, "started": started.isoformat()},
     )
     resp = post(
         live_deployment.clients["client-0"].url,
@@ -642,21 +741,28 @@ def test_retry_after_an_instance_crashed_mid_call_is_served(live_deployment):
 # ======================================================================== end to end: emulate
 
 
-RUN_OBJECT = {
-    "message": (
-        r"rounds/(?P<r>\d+)/messages/(?P<c>client-\d)/(?P<run>[^/]+)\.r(?P=r)\.(?P=c)"
-        r"\.(query\.architecture|train|train\.fedmd)/(arrays|public|consensus)\.npz"
-    ),
-    "reply": (
-        r"rounds/\d+/clients/client-\d/(query-architecture|train|train-fedmd)"
-        r"/(arrays|logits)\.npz"
-    ),
-    "aggregator": (
-        r"rounds/\d+/aggregators/[A-Za-z0-9_]+"
-        r"/(task-(distill|train)-\d+|student|pretrained)\.npz"
-    ),
-    "global": r"rounds/\d+/global\.npz",
-}
+def run_object_patterns(run: str) -> list[re.Pattern]:
+    """Every object a run may leave (docs/serverless.md, "Cloud Storage layout")."""
+    run, types = re.escape(run), r"(query\.architecture|train|train\.fedmd)"
+    message = rf"(?P<c>client-\d)/inbox/{run}/(?P<r>\d+)/{run}\.r(?P=r)\.(?P=c)\.{types}"
+    reply = r"(query-architecture|train|train-fedmd)/(arrays|logits)\.npz"
+    task = r"(task-(distill|train)-\d+|student|pretrained)\.npz"
+    call_record = r"(attempt-\d+|reply)\.json"
+    return [
+        re.compile(p)
+        for p in (
+            # message records and envelopes (driver), in the client's inbox
+            rf"clients/{message}/((arrays|public|consensus)\.npz|envelope\.json)",
+            # reply records and call records (the client), in its outbox
+            rf"clients/client-\d/outbox/{run}/\d+/{reply}",
+            rf"clients/client-\d/outbox/{run}/\d+/calls/{types}/{call_record}",
+            # aggregation tasks (driver), results and call records (aggregator)
+            rf"aggregators/{run}/\d+/[A-Za-z0-9_]+/{task}",
+            rf"aggregators/{run}/\d+/[A-Za-z0-9_]+/calls/task-(distill|train)-\d+/{call_record}",
+            rf"runs/{run}/global/\d+\.npz",  # the driver's only
+            rf"public/runs/{run}/pretrained-[A-Za-z0-9_]+\.npz",  # FedMD's, for every client
+        )
+    ]
 
 
 def expected_invocations(strategy: str, num_rounds: int) -> dict[int, set[str]]:
@@ -722,7 +828,7 @@ def check_stores(
         num_rounds,
     )
     assert run_doc["state"] == {
-        "arrays": f"runs/{run}/rounds/{num_rounds}/global.npz",
+        "arrays": f"runs/{run}/global/{num_rounds}.npz",
         "round": num_rounds,
     }
     assert set(run_doc["result"]["final_accuracy"]) == set(ARCHS)
@@ -740,56 +846,54 @@ def check_stores(
 
     docs = invocation_docs(run, num_rounds)
     assert {r: set(d) for r, d in docs.items()} == expected_invocations(strategy, num_rounds)
-    objects = set(list_objects(bucket, f"runs/{run}/"))
+    everything = list_objects(bucket)
+    objects = {o for o in everything if f"/{run}/" in o}  # this run's
     for r, by_id in docs.items():
         for call, doc in by_id.items():
             assert doc["status"] == DONE and "error" not in doc, (r, call, doc)
             assert doc["seconds"]["total"] >= doc["seconds"]["compute"] > 0, (r, call)
             assert set(doc["objects"]) <= objects, (r, call, doc["objects"])
 
-    patterns = [re.compile(re.escape(f"runs/{run}/") + p + "$") for p in RUN_OBJECT.values()]
-    unexpected = [o for o in objects if not any(p.match(o) for p in patterns)]
+    patterns = run_object_patterns(run)
+    unexpected = [o for o in objects if not any(p.fullmatch(o) for p in patterns)]
     assert not unexpected, unexpected
-    for name in list_objects(bucket):  # nothing outside the documented prefixes
-        assert re.match(
-            r"(public/[0-9a-f]{16}/(data|test)\.npz|clients/client-\d/(data/[0-9a-f]{16}/private|state/node-\d+)\.npz|runs/.+)$",
+    for name in everything:  # nothing outside the documented prefixes
+        assert re.fullmatch(
+            r"public/([0-9a-f]{16}/(data|test)\.npz|runs/.+)"
+            r"|clients/[\w.-]+/(data/[0-9a-f]{16}/private\.npz|state/node-\d+\.npz"
+            r"|inbox/.+|outbox/.+)|aggregators/.+|runs/.+",
             name,
         ), name
 
     store = GcsArrayStore(bucket)
     for r in range(1, num_rounds + 1):
-        assert f"runs/{run}/rounds/{r}/global.npz" in objects
+        assert f"runs/{run}/global/{r}.npz" in objects
     if strategy == "feddf":
         for r in range(1, num_rounds + 1):
-            glob = store.get(f"runs/{run}/rounds/{r}/global.npz")
+            glob = store.get(f"runs/{run}/global/{r}.npz")
             for c in CLIENT_IDS:
-                weights = f"runs/{run}/rounds/{r}/clients/{c}/train/arrays.npz"
+                weights = f"clients/{c}/outbox/{run}/{r}/train/arrays.npz"
                 assert weights in objects, weights
-                logits = f"runs/{run}/rounds/{r}/clients/{c}/train/logits.npz"
+                logits = f"clients/{c}/outbox/{run}/{r}/train/logits.npz"
                 assert docs[r][f"{c}:train"]["objects"] == sorted([weights, logits])
                 assert store.get(logits)["logits"].shape == (100, 10)  # subset-size x classes
                 arch = arch_of(c)
                 assert set(store.get(weights)) == {
                     k.split("/", 1)[1] for k in glob if k.startswith(arch + "/")
                 }
-                for record in (
-                    "arrays",
-                    "public",
-                ):  # the global model and the round's public inputs
-                    assert (
-                        f"runs/{run}/rounds/{r}/messages/{c}/{run}.r{r}.{c}.train/{record}.npz"
-                        in objects
-                    )
+                # the global model (the round's public subset travels inline, as indices)
+                message = f"clients/{c}/inbox/{run}/{r}/{run}.r{r}.{c}.train"
+                assert f"{message}/arrays.npz" in objects and f"{message}/envelope.json" in objects
             for i, a in enumerate(ARCHS):
-                assert f"runs/{run}/rounds/{r}/aggregators/{a}/student.npz" in objects
-                assert f"runs/{run}/rounds/{r}/aggregators/{a}/task-distill-{i}.npz" in objects
+                assert f"aggregators/{run}/{r}/{a}/student.npz" in objects
+                assert f"aggregators/{run}/{r}/{a}/task-distill-{i}.npz" in objects
     else:
         for i, a in enumerate(ARCHS):
-            assert f"runs/{run}/rounds/0/aggregators/{a}/pretrained.npz" in objects
-            assert f"runs/{run}/rounds/0/aggregators/{a}/task-train-{i}.npz" in objects
+            assert f"aggregators/{run}/0/{a}/pretrained.npz" in objects
+            assert f"aggregators/{run}/0/{a}/task-train-{i}.npz" in objects
         for c in CLIENT_IDS:
             assert (
-                f"runs/{run}/rounds/0/messages/{c}/{run}.r0.{c}.train.fedmd/arrays.npz" in objects
+                f"clients/{c}/inbox/{run}/0/{run}.r0.{c}.train.fedmd/arrays.npz" in objects
             )  # pretrained weights
             state = f"clients/{c}/state/node-{node_id_for(c)}.npz"
             assert store.exists(state), state
@@ -841,7 +945,11 @@ def test_emulate_feddf_end_to_end(feddf_emulated):
     assert sorted((c["round"], c["arch"], c["kind"]) for c in calls) == sorted(
         (r, a, "distill") for r in (1, 2) for a in ARCHS
     )
-    check_stores(run, EMULATE_BUCKET, "feddf", 2)
+    docs = check_stores(run, EMULATE_BUCKET, "feddf", 2)
+    # each call names the caller the front end verified: the driver's service account
+    project = os.environ["GOOGLE_CLOUD_PROJECT"]
+    driver = stack_policy(ExperimentConfig(), project).identities["driver"]
+    assert {doc.get("caller") for by_id in docs.values() for doc in by_id.values()} == {driver}
 
 
 def test_emulate_fedmd_end_to_end(fedmd_emulated):
@@ -865,11 +973,10 @@ def test_emulate_fedmd_end_to_end(fedmd_emulated):
 
 def test_client_logits_are_kept_in_cloud_storage(feddf_emulated):
     run, _ = feddf_emulated
-    objects = list_objects(EMULATE_BUCKET, f"runs/{run}/rounds/")
     for r in (1, 2):
         for c in CLIENT_IDS:
-            prefix = f"runs/{run}/rounds/{r}/clients/{c}/"
-            assert any(o.startswith(prefix) and "logits" in o for o in objects), prefix
+            prefix = f"clients/{c}/outbox/{run}/{r}/"
+            assert any("logits" in o for o in list_objects(EMULATE_BUCKET, prefix)), prefix
 
 
 # ============================================================== `cloud run` on a deployment
@@ -890,9 +997,10 @@ def driver_argv(dep, tmp_path, *flags: str) -> list[str]:
 
 @pytest.mark.parametrize("kill_at", ["between-rounds", "aggregation"])
 def test_resume_after_the_driver_is_killed(live_deployment, tmp_path, kill_at):
-    """Killed after round 1 is done, or while round 2's distillation runs on the aggregators:
-    `--resume` continues at round 2, repeats no done round, and round 2's client calls are
-    answered from their records, not computed again."""
+    """SIGKILLed in round 2 of 3 (as soon as round 1 is done, or while round 2's distillation
+    runs on the aggregators): `--resume` continues at round 2 from round 1's global models,
+    repeats no done round, round 2's client calls are answered from their records, not
+    computed again, and result.json covers the whole run (round 1 from its round document)."""
     run = unique("resume")
     # while killed during distillation, a longer distillation keeps the kill inside that window
     flags = experiment_flags(
@@ -945,7 +1053,10 @@ def test_resume_after_the_driver_is_killed(live_deployment, tmp_path, kill_at):
     out = tmp_path / "resumed"
     run_cli(driver_argv(live_deployment, tmp_path, *flags, "--resume", run, "--out", str(out)))
     result = json.loads((out / "result.json").read_text())
-    check_result(result, run, DEPLOY_BUCKET, "feddf", [2, 3], resumed_after=1)
+    check_result(result, run, DEPLOY_BUCKET, "feddf", [1, 2, 3], resumed_after=1)
+    first = RoundStore().rounds(run)[0]  # round 1, as the killed driver recorded it
+    assert result["rounds"][0]["accuracy"] == first["scores"]["accuracy"]
+    assert (result["rounds"][0]["replies"], result["rounds"][0]["dropped"]) == (3, [])
     assert sorted({c["round"] for c in result["serverless"]["aggregator_calls"]}) == [2, 3]
     docs = check_stores(run, DEPLOY_BUCKET, "feddf", 3)
     assert all(doc["attempts"] == 1 for doc in docs[1].values()), docs[
@@ -956,7 +1067,7 @@ def test_resume_after_the_driver_is_killed(live_deployment, tmp_path, kill_at):
     if kill_at == "aggregation":  # round 2's clients had replied: the same replies, computed once
         assert all(docs[2][f"{c}:train"]["attempts"] == 2 for c in CLIENT_IDS), docs[2]
         assert all(not docs[2][f"{c}:train"].get("events") for c in CLIENT_IDS), docs[2]
-    assert GcsArrayStore(DEPLOY_BUCKET).exists(f"runs/{run}/rounds/3/global.npz")
+    assert GcsArrayStore(DEPLOY_BUCKET).exists(f"runs/{run}/global/3.npz")
 
 
 def test_a_run_with_another_data_split_gets_that_split(live_deployment, tmp_path):
@@ -983,9 +1094,11 @@ def test_a_run_with_another_data_split_gets_that_split(live_deployment, tmp_path
     assert code == 0
     store = GcsArrayStore(DEPLOY_BUCKET)
     reported = {}
-    for call, doc in invocation_docs(run, 0)[0].items():
-        reply = wire.decode(json.loads(doc["reply"]), store)
-        reported[call.split(":")[0]] = int(reply.content[protocol.METRICS]["num-examples"])
+    for call in invocation_docs(run, 0)[0]:
+        client = call.split(":")[0]
+        records = names.client_call_records(names.client_root(client), run, 0, protocol.DESCRIBE)
+        reply = wire.decode(read_history(store, records).reply["reply"], store)
+        reported[client] = int(reply.content[protocol.METRICS]["num-examples"])
     assert reported == expected
 
 
@@ -1045,14 +1158,19 @@ def test_client_function_killed_mid_round_is_dropped(live_deployment, tmp_path):
     assert survivors <= set(docs[2])
     assert all(docs[2][call]["status"] == DONE for call in survivors)
     assert docs[2].get(f"{victim}:train", {}).get("status") != DONE  # never finished
-    objects = list_objects(DEPLOY_BUCKET, f"runs/{run}/rounds/2/clients/")
-    assert objects == sorted(
-        f"runs/{run}/rounds/2/clients/{c}/train/{record}.npz"
+    replies = [
+        o
+        for c in CLIENT_IDS
+        for o in list_objects(DEPLOY_BUCKET, f"clients/{c}/outbox/{run}/2/")
+        if "/calls/" not in o
+    ]
+    assert replies == sorted(
+        f"clients/{c}/outbox/{run}/2/train/{record}.npz"
         for c in CLIENT_IDS
         if c != victim
         for record in ("arrays", "logits")
     )
-    assert GcsArrayStore(DEPLOY_BUCKET).exists(f"runs/{run}/rounds/2/global.npz")
+    assert GcsArrayStore(DEPLOY_BUCKET).exists(f"runs/{run}/global/2.npz")
 
 
 def test_an_aggregator_instance_that_dies_mid_task_is_retried(live_deployment, tmp_path):
@@ -1063,12 +1181,13 @@ def test_an_aggregator_instance_that_dies_mid_task_is_retried(live_deployment, t
 
     run, arch = unique("agg-crash"), "resnet10t"
     rounds, killed = RoundStore(), threading.Event()
-    call = f"aggregator:{arch}:task-distill-{ARCHS.index(arch)}"
+    task = names.aggregator_task_object(run, 1, arch, "distill", ARCHS.index(arch))
+    call = names.aggregator_call(arch, task)
+    first_attempt = names.attempt_object(names.aggregator_call_records(run, 1, arch, task), 1)
 
     def kill_the_worker_mid_task():
-        def running():
-            snap = rounds.invocation_ref(run, 1, call).get()
-            return snap.exists and snap.to_dict().get("status") == RUNNING
+        def running():  # the aggregator claimed the task: it is computing now
+            return GcsArrayStore(DEPLOY_BUCKET).exists(first_attempt)
 
         try:
             wait_for(running, 240, f"{call} running")
@@ -1091,8 +1210,8 @@ def test_an_aggregator_instance_that_dies_mid_task_is_retried(live_deployment, t
     assert result["rounds"][0]["replies"] == 3 and set(result["rounds"][0]["distill"]) == set(ARCHS)
     doc = invocation_docs(run, 1)[1][call]
     assert (doc["status"], doc["attempts"]) == (DONE, 2), doc
-    assert list_objects(DEPLOY_BUCKET, f"runs/{run}/rounds/1/aggregators/{arch}/student.npz") == [
-        f"runs/{run}/rounds/1/aggregators/{arch}/student.npz"
+    assert list_objects(DEPLOY_BUCKET, f"aggregators/{run}/1/{arch}/student.npz") == [
+        f"aggregators/{run}/1/{arch}/student.npz"
     ]
     assert [(d["round"], d["status"]) for d in rounds.rounds(run)] == [(1, DONE)]
 

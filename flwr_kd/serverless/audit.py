@@ -11,7 +11,8 @@ from __future__ import annotations
 from flwr_kd import protocol
 from flwr_kd.serverless import names
 from flwr_kd.serverless.arraystore import ArrayStoreError, GcsArrayStore
-from flwr_kd.serverless.roundstore import DONE, RUNNING, RoundStore
+from flwr_kd.serverless.callrecords import DONE, RUNNING
+from flwr_kd.serverless.roundstore import RoundStore
 
 TRAINING = (protocol.TRAIN, protocol.FEDMD_ROUND)
 

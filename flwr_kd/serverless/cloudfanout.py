@@ -2,7 +2,8 @@
 learning, one POST per architecture's task, all in parallel.
 
 Task inputs go to Cloud Storage (create-only, so a resumed round re-sends the same task) and
-results come back from there; the grid supplies the HTTP session, its retries and the round.
+results come back from there, from the one object the task's aggregator writes; the grid
+supplies the HTTP session, its retries, the round and the invocation log.
 """
 
 from __future__ import annotations
@@ -48,22 +49,20 @@ class CloudFanOut(FanOut):
             pass  # a resumed round re-sends the same task
         t0 = time.perf_counter()
         body = {"run": self.run_id, "round": server_round, "task": name, "params": params}
-        headers = {
-            "Content-Type": "application/json",
-            **(self.grid.options.auth(self.aggregators[arch]) if self.grid.options.auth else {}),
-        }
-        resp = self.grid.session.post(
-            self.aggregators[arch],
-            data=json.dumps(body),
-            headers=headers,
-            timeout=(10, self.grid.options.call_timeout),
-        )
-        if resp.status_code != 200:
-            raise RuntimeError(
-                f"aggregator {arch} answered HTTP {resp.status_code}: {resp.text[:300]}"
-            )
-        payload = resp.json()
-        state = self.store.get(payload["result"]) if payload.get("result") else {}
+        call, log = names.aggregator_call(arch, name), self.grid.log
+        if log is not None:
+            log.started(server_round, call, name)
+        error = None
+        try:
+            payload = self.grid.post(self.aggregators[arch], json.dumps(body).encode())
+            state = self._result(payload, server_round, arch, params["kind"])
+        except Exception as exc:
+            error = f"aggregator {arch}: {type(exc).__name__}: {exc}"
+            raise RuntimeError(error) from exc
+        finally:
+            if log is not None:
+                records = names.aggregator_call_records(self.run_id, server_round, arch, name)
+                log.finished(server_round, call, records, error)
         self.calls.append(
             {
                 "arch": arch,
@@ -74,3 +73,10 @@ class CloudFanOut(FanOut):
             }
         )
         return taskcodec.decode_outcome(params["kind"], state, payload["meta"])
+
+    def _result(self, payload: dict, server_round: int, arch: str, kind: str) -> dict:
+        """The task's result, read only from the object this task's aggregator writes."""
+        expected = names.aggregator_result_object(self.run_id, server_round, arch, kind)
+        if payload.get("result") not in (None, expected):
+            raise ValueError(f"result {payload.get('result')!r} is not {expected}")
+        return self.store.get(expected) if payload.get("result") else {}

@@ -1,6 +1,6 @@
-"""Where a deployment's functions and bucket are: from `terraform output -json`, or found with
-the Cloud Functions API (`google-cloud-functions`); and the check before round 1 that every
-function is ACTIVE.
+"""Where a deployment's functions, bucket, client roots and Firestore database are: from
+`terraform output -json`, or found with the Cloud Functions API (`google-cloud-functions`);
+and the check before round 1 that every function is ACTIVE.
 
 Functions are recognised by the names terraform/ gives them (`<prefix>-client-<id>`,
 `<prefix>-agg-<arch>`) and described by the environment they run with (docs/serverless.md).
@@ -8,9 +8,15 @@ Functions are recognised by the names terraform/ gives them (`<prefix>-client-<i
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
+from google.api_core import exceptions as gexc
+
 from flwr_kd.serverless.grid import ClientEndpoint
+
+#: The permission `check_active` needs (in roles/cloudfunctions.viewer).
+LIST_PERMISSION = "cloudfunctions.functions.list"
 
 
 class DeploymentError(RuntimeError):
@@ -38,14 +44,21 @@ class Deployment:
             entry = outputs[name]
             return entry["value"] if isinstance(entry, dict) and "value" in entry else entry
 
+        def optional(name, default):
+            return value(name) if name in outputs else default
+
         urls, archs = value("client_function_urls"), value("client_architectures")
+        roots, prefixes = optional("client_roots", {}), optional("client_data_prefixes", {})
         return cls(
             bucket=value("arrays_bucket"),
-            clients=[ClientEndpoint(cid, urls[cid], archs[cid]) for cid in sorted(urls)],
+            clients=[
+                ClientEndpoint(
+                    cid, urls[cid], archs[cid], roots.get(cid, ""), prefixes.get(cid, "")
+                )
+                for cid in sorted(urls)
+            ],
             aggregators=dict(value("aggregator_function_urls")),
-            firestore_database=outputs.get("firestore_database", {}).get("value", "(default)")
-            if isinstance(outputs.get("firestore_database"), dict)
-            else "(default)",
+            firestore_database=optional("firestore_database", "(default)"),
         )
 
     def function_urls(self) -> list[str]:
@@ -76,18 +89,21 @@ def _state(fn) -> str:
 
 def discover(project: str, region: str, prefix: str, client=None) -> Deployment:
     """A `Deployment` from the functions named `<prefix>-client-*` and `<prefix>-agg-*`."""
-    clients, aggregators, buckets = [], {}, set()
+    clients, aggregators, buckets, databases = [], {}, set(), set()
     for fn in _functions(project, region, client):
         name, env = _short(fn), dict(fn.service_config.environment_variables)
         if name.startswith(f"{prefix}-client-"):
+            cid = env["FLWR_KD_CLIENT_ID"]
+            data_prefix = env.get("FLWR_KD_DATA_PREFIX", "")
             clients.append(
-                ClientEndpoint(env["FLWR_KD_CLIENT_ID"], fn.service_config.uri, env["FLWR_KD_ARCH"])
+                ClientEndpoint(cid, fn.service_config.uri, env["FLWR_KD_ARCH"], "", data_prefix)
             )
         elif name.startswith(f"{prefix}-agg-"):
             aggregators[env["FLWR_KD_ARCH"]] = fn.service_config.uri
         else:
             continue
         buckets.add(env.get("FLWR_KD_BUCKET"))
+        databases.add(env.get("FLWR_KD_FIRESTORE_DATABASE") or "(default)")
     if not clients or not aggregators:
         raise DeploymentError(
             f"no '{prefix}-client-*' or '{prefix}-agg-*' functions in "
@@ -98,6 +114,10 @@ def discover(project: str, region: str, prefix: str, client=None) -> Deployment:
         raise DeploymentError(
             f"the functions disagree on FLWR_KD_BUCKET: {sorted(map(str, buckets))}"
         )
+    if len(databases) != 1:
+        raise DeploymentError(
+            f"the functions disagree on FLWR_KD_FIRESTORE_DATABASE: {sorted(databases)}"
+        )
     missing = sorted({c.arch for c in clients} - set(aggregators))
     if missing:
         raise DeploymentError(f"no aggregator function for architecture(s) {missing}")
@@ -105,12 +125,25 @@ def discover(project: str, region: str, prefix: str, client=None) -> Deployment:
         bucket=buckets.pop(),
         clients=sorted(clients, key=lambda c: c.client_id),
         aggregators=aggregators,
+        firestore_database=databases.pop(),
     )
 
 
 def check_active(project: str, region: str, urls: list[str], client=None) -> None:
-    """Raise `DeploymentError` naming every function at `urls` that is missing or not ACTIVE."""
-    by_url = {fn.service_config.uri: fn for fn in _functions(project, region, client)}
+    """Raise `DeploymentError` naming every function at `urls` that is missing or not ACTIVE.
+    A driver not allowed to list functions is warned (naming the permission), not stopped:
+    the first call to a function that is not ready fails, and is retried, anyway."""
+    try:
+        functions = _functions(project, region, client)
+    except gexc.PermissionDenied as exc:
+        print(
+            f"flwr-kd: warning: cannot check that the functions are ACTIVE: the driver lacks "
+            f"{LIST_PERMISSION} on projects/{project}/locations/{region} "
+            f"(roles/cloudfunctions.viewer); going on without the check ({exc.message})",
+            file=sys.stderr,
+        )
+        return
+    by_url = {fn.service_config.uri: fn for fn in functions}
     problems = []
     for url in urls:
         fn = by_url.get(url)

@@ -2,14 +2,14 @@
 
 It is `run_experiment` (the same strategies, report and result.json as simulation) on a
 `CloudFunctionGrid`, with the aggregator functions as fan-out, client state on Cloud Storage,
-and each round recorded in Firestore: `running` when its first message goes out, `done` with
-the global arrays' object name once aggregated. A killed driver resumes at the first
-unfinished round from that record (`--resume RUN`).
+and the run recorded in Firestore, which only the driver touches: each round `running` when
+its first message goes out, its statistics once aggregated (its global models in
+`runs/<run>/global/`), `done` with its scores once evaluated; each call's invocation document
+from the function's call records. A killed driver resumes at the first round not done
+(`resume`).
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import numpy as np
 from flwr.common.constant import SUPERLINK_NODE_ID
@@ -18,13 +18,15 @@ from flwr.supercore.task_identity import TaskIdentity
 from flwr_kd.data import FederatedData, load_federated
 from flwr_kd.experiment import ExperimentConfig
 from flwr_kd.progress import progress_bar
-from flwr_kd.records import record_to_state, state_to_record
+from flwr_kd.records import record_to_state
 from flwr_kd.runner import RuntimeHooks, run_experiment
 from flwr_kd.serverless import names
 from flwr_kd.serverless.arraystore import AlreadyExists, GcsArrayStore
 from flwr_kd.serverless.cloudfanout import CloudFanOut
 from flwr_kd.serverless.deployment import Deployment
 from flwr_kd.serverless.grid import CloudFunctionGrid, GridOptions, round_of
+from flwr_kd.serverless.invocations import InvocationLog
+from flwr_kd.serverless.resume import earlier_rows, resume_hooks
 from flwr_kd.serverless.roundstore import RoundStore
 from flwr_kd.serverless.summary import overhead_summary, reliability_line, reliability_summary
 from flwr_kd.strategy import TooFewReplies
@@ -41,7 +43,7 @@ def put_once(store: GcsArrayStore, name: str, arrays: dict) -> None:
 def upload_client_data(
     store: GcsArrayStore, data: FederatedData, deployment: Deployment, fingerprint: str
 ) -> None:
-    """Public data for everybody, and each client's private partition under its own prefix
+    """Public data for everybody, and each client's private partition under its data prefix
     (client i gets partition i), all named by the split's fingerprint. Create-only: an
     existing object already holds this split."""
     public_name, test_name = names.public_objects(fingerprint)
@@ -52,7 +54,7 @@ def upload_client_data(
         train_x, train_y, hold_x, hold_y = data.client_data(pid)
         put_once(
             store,
-            names.private_object(names.client_data_prefix(endpoint.client_id), fingerprint),
+            names.private_object(endpoint.data_prefix, fingerprint),
             {
                 "train_x": train_x,
                 "train_y": train_y,
@@ -80,33 +82,17 @@ class RecordingGrid(CloudFunctionGrid):
         return super().push_messages(messages)
 
 
-def record_verdicts(
-    rounds: RoundStore, grid: CloudFunctionGrid, run_id: str, server_round: int, dropped: list[dict]
-) -> None:
+def record_verdicts(grid: CloudFunctionGrid, server_round: int, dropped: list[dict]) -> None:
     """Write why each left-out reply was left out into its call's invocation document (the
     function cannot know: a reply it sent may be late, invalid or lost on the way)."""
     for entry in dropped:
         endpoint = grid.endpoints.get(entry["node"])
-        if endpoint is not None and entry.get("type"):
+        if grid.log is not None and endpoint is not None and entry.get("type"):
+            records = names.client_call_records(
+                endpoint.root, grid.run_id, server_round, entry["type"]
+            )
             call = names.client_call(endpoint.client_id, entry["type"])
-            rounds.record_verdict(run_id, server_round, call, entry["reason"])
-
-
-def resume_hooks(
-    cfg: ExperimentConfig, rounds: RoundStore, store: GcsArrayStore, run_id: str
-) -> tuple[ExperimentConfig, RuntimeHooks]:
-    """The run's own config (with this call's out dir) and where it stopped."""
-    run = rounds.get_run(run_id)
-    cfg = dataclasses.replace(ExperimentConfig.from_run_config(run["config"]), out_dir=cfg.out_dir)
-    hooks = RuntimeHooks(rounds_done=int(run.get("last_done_round", 0)))
-    if hooks.rounds_done >= cfg.num_server_rounds:
-        raise ValueError(
-            f"run '{run_id}' finished all {cfg.num_server_rounds} rounds; nothing to resume"
-        )
-    if hooks.rounds_done:
-        hooks.resume_arrays = state_to_record(store.get(run["state"]["arrays"]))
-    print(f"resuming run {run_id} at round {hooks.rounds_done + 1} of {cfg.num_server_rounds}")
-    return cfg, hooks
+            grid.log.left_out(server_round, call, records, entry["reason"])
 
 
 def drive(
@@ -126,27 +112,37 @@ def drive(
     else:
         hooks = RuntimeHooks()
         rounds.create_run(run_id, cfg.to_run_config(), cfg.strategy)
-    hooks.state_uri = names.driver_state_uri(deployment.bucket)
+    hooks.state_uri = names.driver_state_uri(deployment.bucket, run_id)
     data = load_federated(cfg.data_spec)
     if len(deployment.clients) != cfg.num_clients:
         raise ValueError(
             f"{len(deployment.clients)} client functions but num-clients={cfg.num_clients}"
         )
     upload_client_data(store, data, deployment, names.data_fingerprint(cfg.data_spec.to_config()))
-    grid = RecordingGrid(deployment.clients, store, run_id, options, rounds=rounds)
+    log = InvocationLog(rounds, store, run_id)
+    grid = RecordingGrid(deployment.clients, store, run_id, options, log, rounds=rounds)
     hooks.fanout = fanout = CloudFanOut(deployment.aggregators, store, run_id, grid)
 
+    aggregated: dict[int, str] = {}  # round -> its global models, until the round is scored
+
     def on_round_end(server_round, arrays, strategy):
-        name = names.global_object(run_id, server_round)
+        name = aggregated[server_round] = names.global_object(run_id, server_round)
         put_once(store, name, record_to_state(arrays))
         stats = strategy.stats.get(server_round)
-        record = (
-            {"bytes": stats.to_dict()["bytes"], "replies": stats.replies, "dropped": stats.dropped}
-            if stats
-            else {}
-        )
-        record_verdicts(rounds, grid, run_id, server_round, record.get("dropped", []))
-        rounds.finish_round(run_id, server_round, record, {"arrays": name, "round": server_round})
+        record = {"stats": stats.to_dict()} if stats else {}
+        if stats:
+            record.update(bytes=record["stats"]["bytes"], replies=stats.replies)
+            record["dropped"] = stats.dropped
+        record_verdicts(grid, server_round, record.get("dropped", []))
+        rounds.record_round(run_id, server_round, record)
+
+    def on_round_scored(row: dict) -> None:
+        """A round is done once aggregated and scored: a resumed run reports it from its
+        round document, and starts from its global models."""
+        name = aggregated.pop(row["round"], None)  # None: the restored round, scored again
+        if name is not None:
+            state = {"arrays": name, "round": row["round"]}
+            rounds.finish_round(run_id, row["round"], {"scores": row}, state)
 
     finished = []  # the run is recorded done: a later error (writing result.json) fails no round
 
@@ -163,16 +159,17 @@ def drive(
         final = result["rounds"][-1]["accuracy"] if result["rounds"] else {}
         rounds.finish_run(run_id, result={"final_accuracy": final})
         finished.append(True)
-        return {"serverless": section}
+        before = earlier_rows(rounds, run_id, hooks.rounds_done) if hooks.rounds_done else []
+        return {"serverless": section, "rounds": before + result["rounds"]}
 
-    hooks.on_round_end, hooks.report = on_round_end, report
+    hooks.on_round_end, hooks.on_round_scored, hooks.report = on_round_end, on_round_scored, report
     try:
         return run_experiment(grid, cfg, hooks)
     except BaseException as exc:
         if finished:
             raise
         if isinstance(exc, TooFewReplies):
-            record_verdicts(rounds, grid, run_id, grid.current_round, exc.dropped)
+            record_verdicts(grid, grid.current_round, exc.dropped)
             exc.run_id = run_id
         rounds.fail_round(run_id, max(grid.current_round, 1), f"{type(exc).__name__}: {exc}")
         raise

@@ -1,15 +1,19 @@
 """`CloudFunctionGrid`: a Flower `Grid` whose nodes are client Cloud Functions.
 
-Each Message goes out as an HTTP POST to its client's function URL (Google ID token when
-deployed), in Flower's own serialization (`flwr_kd.serverless.wire`), large arrays by Cloud
-Storage reference. Calls run with bounded concurrency, a per-call timeout, and retries with
-exponential backoff on 429/5xx/409/connection errors/timeouts. Message ids are deterministic
-(run, round, client, type), and functions answer a repeated id from their record, so a retried
-call never counts twice, and a resumed driver re-sends the same ids.
+Each Message goes into its client's inbox on Cloud Storage (its envelope, and its large
+arrays), then out as an HTTP POST to the client's function URL (Google ID token when deployed),
+in Flower's own serialization (`flwr_kd.serverless.wire`). Calls run with bounded concurrency,
+a per-call timeout, and retries with exponential backoff on 429/5xx/409/connection
+errors/timeouts. Message ids are deterministic (run, round, client, type), and functions
+answer a repeated id from their record, so a retried call never counts twice, and a resumed
+driver re-sends the same ids. A reply counts only as far as the client could have written it
+(`trust`); with an `InvocationLog`, each call's invocation document is written from the
+function's call records.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -26,16 +30,35 @@ from urllib3.util.retry import Retry
 
 from flwr_kd import protocol
 from flwr_kd.serverless import names, wire
-from flwr_kd.serverless.arraystore import GcsArrayStore
+from flwr_kd.serverless.arraystore import AlreadyExists, GcsArrayStore
+from flwr_kd.serverless.invocations import InvocationLog
+from flwr_kd.serverless.trust import UntrustedReply, trusted_reply
 
+#: Transient answers, retried with backoff: 409 (an earlier attempt of the call still runs),
+#: 429 (Cloud Run's front end: every instance busy), 5xx (including a function's 503/504).
 RETRY_STATUSES = (409, 429, 500, 502, 503, 504)
 
 
 @dataclass(frozen=True)
 class ClientEndpoint:
+    """One client's function and its root on Cloud Storage (`names.client_root` unless
+    Terraform says otherwise); `data_prefix` is where its private data goes (under the root)."""
+
     client_id: str
     url: str
     arch: str
+    root: str = ""
+    data_prefix: str = ""
+
+    def __post_init__(self) -> None:
+        root = self.root or names.client_root(self.client_id)
+        object.__setattr__(self, "root", root)
+        object.__setattr__(self, "data_prefix", self.data_prefix or root + "data/")
+        if not self.data_prefix.startswith(root):
+            raise ValueError(
+                f"data prefix {self.data_prefix} of client {self.client_id} lies outside its "
+                f"root {root}"
+            )
 
 
 @dataclass
@@ -92,9 +115,10 @@ class CloudFunctionGrid(Grid):
         store: GcsArrayStore,
         run_id: str,
         options: GridOptions | None = None,
+        log: InvocationLog | None = None,
     ) -> None:
         self.options = options or GridOptions()
-        self.store, self.run_id = store, run_id
+        self.store, self.run_id, self.log = store, run_id, log
         #: The latest round a message went out for (the fan-out's tasks belong to it).
         self.current_round = 0
         self.endpoints = {names.node_id_for(e.client_id): e for e in endpoints}
@@ -177,49 +201,71 @@ class CloudFunctionGrid(Grid):
 
     def _call(self, msg: Message, endpoint: ClientEndpoint, server_round: int) -> Message:
         t0 = time.perf_counter()
-        prefix = names.message_prefix(
-            self.run_id, server_round, endpoint.client_id, msg.metadata.message_id
-        )
+        mid, root = msg.metadata.message_id, endpoint.root
         body, written = wire.encode(
             msg,
             run=self.run_id,
             server_round=server_round,
             store=self.store,
-            prefix=prefix,
+            prefix=names.message_prefix(root, self.run_id, server_round, mid),
             offload_bytes=self.options.offload_bytes,
+            client=endpoint.client_id,
         )
         data = wire.to_json(body)
-        headers = {
-            "Content-Type": "application/json",
-            **(self.options.auth(endpoint.url) if self.options.auth else {}),
-        }
         record = CallRecord(
-            endpoint.client_id,
-            msg.metadata.message_type,
-            server_round,
-            0.0,
-            0.0,
-            len(data),
-            0,
-            written,
+            endpoint.client_id, msg.metadata.message_type, server_round, 0.0, 0.0, len(data), 0, 0
         )
+        call = names.client_call(endpoint.client_id, msg.metadata.message_type)
+        if self.log is not None:
+            self.log.started(server_round, call, mid)
         try:
-            resp = self.session.post(
-                endpoint.url, data=data, headers=headers, timeout=(10, self.options.call_timeout)
+            with contextlib.suppress(AlreadyExists):  # sent before (a resumed driver)
+                written += self.store.put_json(
+                    names.message_object(root, self.run_id, server_round, mid), body
+                )
+            record.bytes_objects = written
+            payload = self.post(endpoint.url, data, record)
+            reply = trusted_reply(
+                payload,
+                msg,
+                client_id=endpoint.client_id,
+                root=root,
+                run=self.run_id,
+                server_round=server_round,
+                store=self.store,
             )
-            record.bytes_reply = len(resp.content)
-            if resp.status_code != 200:
-                raise RuntimeError(f"HTTP {resp.status_code}: {_error_text(resp)}")
-            payload = resp.json()
-            reply = wire.decode(payload, self.store)
             record.compute_seconds = float(payload.get("timing", {}).get("compute", 0.0))
             record.bytes_objects += int(payload.get("stored_bytes", 0))
+        except UntrustedReply as exc:
+            record.error = f"untrusted reply: {exc}"
+            reply = error_reply(msg, f"client function {endpoint.client_id}: {record.error}")
         except Exception as exc:  # noqa: BLE001 - any failure is this node's failed reply
             record.error = f"{type(exc).__name__}: {exc}"
             reply = error_reply(msg, f"client function {endpoint.client_id} failed: {record.error}")
         record.seconds = time.perf_counter() - t0
         self.options.calls.append(record)
+        if self.log is not None:
+            records = names.client_call_records(
+                root, self.run_id, server_round, msg.metadata.message_type
+            )
+            self.log.finished(server_round, call, records, record.error or None)
         return reply
+
+    def post(self, url: str, data: bytes, record: CallRecord | None = None) -> dict:
+        """POST `data` to a function (retried as the session says); its JSON answer, or
+        RuntimeError naming the HTTP status and the function's error."""
+        headers = {
+            "Content-Type": "application/json",
+            **(self.options.auth(url) if self.options.auth else {}),
+        }
+        resp = self.session.post(
+            url, data=data, headers=headers, timeout=(10, self.options.call_timeout)
+        )
+        if record is not None:
+            record.bytes_reply = len(resp.content)
+        if resp.status_code != 200:
+            raise RuntimeError(f"HTTP {resp.status_code}: {_error_text(resp)}")
+        return resp.json()
 
 
 def round_of(msg: Message) -> int:

@@ -1,13 +1,12 @@
 """Run, round and invocation records on Firestore: enough to watch a run and to resume it.
 
-A run's document holds the config and the strategy state after each finished round; a round's
-document its status, timings and metrics; an invocation's document one function call, written
-by the function itself (create-only: a retried call finds its document and never counts
-twice). The paths are `names`'s (docs/serverless.md). Counters use server-side transforms, not
-transactions (the emulator is slow under contended transactions).
-
-An invocation's `events` are maps, so that readers never parse text: `fault_event`,
-`took_over_event` and `left_out_event` build them.
+Only the driver reads or writes Firestore (functions hold no role on it). A run's document
+holds the config and the strategy state after each finished round; a round's document its
+status, statistics and scores; an invocation's document one function call, written by the
+driver from the call records the function created in its own outbox (`callrecords`,
+`invocations`). The paths are `names`'s (docs/serverless.md). Events are merged with
+`ArrayUnion`, never read back and rewritten (the emulator is slow under contended
+transactions).
 """
 
 from __future__ import annotations
@@ -16,25 +15,9 @@ from google.api_core import exceptions as gexc
 from google.cloud import firestore
 
 from flwr_kd.serverless import names
+from flwr_kd.serverless.callrecords import DONE, FAILED, RUNNING, left_out_event
 
-RUNNING, DONE, FAILED = "running", "done", "failed"
-#: `event` values of an invocation's events.
-FAULT, TOOK_OVER, LEFT_OUT = "fault", "took-over", "left-out"
-
-
-def fault_event(attempt: int, fault: str) -> dict:
-    """The function injected `fault` into this attempt of the call."""
-    return {"attempt": attempt, "event": FAULT, "fault": fault}
-
-
-def took_over_event(attempt: int) -> dict:
-    """This attempt took over an earlier one that never finished (its instance died)."""
-    return {"attempt": attempt, "event": TOOK_OVER}
-
-
-def left_out_event(reason: str) -> dict:
-    """The driver left the call's reply out of its round, for `reason`."""
-    return {"event": LEFT_OUT, "reason": reason}
+__all__ = ["DONE", "FAILED", "RUNNING", "RoundStore"]
 
 
 class RoundStore:
@@ -92,6 +75,10 @@ class RoundStore:
             merge=True,
         )
 
+    def record_round(self, run: str, server_round: int, record: dict) -> None:
+        """What is known of a round before it is done (its statistics once aggregated)."""
+        self.round_ref(run, server_round).set(record, merge=True)
+
     def finish_round(self, run: str, server_round: int, record: dict, state: dict) -> None:
         """Mark the round done and store the strategy state that resuming needs, in one batch."""
         batch = self.db.batch()
@@ -125,51 +112,46 @@ class RoundStore:
             for d in self.db.collection(names.invocations_collection(run, server_round)).stream()
         ]
 
-    # -- invocations (written by the functions) --------------------------------------------
+    # -- invocations (written by the driver, from the functions' call records) ---------------
 
-    def begin_invocation(
-        self, run: str, server_round: int, call: str, message_id: str
-    ) -> dict | None:
-        """Create the invocation document; if it exists (a retry), return it instead."""
-        ref = self.invocation_ref(run, server_round, call)
-        try:
-            ref.create(
-                {
-                    "status": RUNNING,
-                    "message_id": message_id,
-                    "started": firestore.SERVER_TIMESTAMP,
-                    "attempts": 1,
-                }
-            )
-            return None
-        except gexc.Conflict:
-            ref.update({"attempts": firestore.Increment(1)})
-            return ref.get().to_dict()
-
-    def restart_invocation(self, run: str, server_round: int, call: str) -> None:
-        """A retry that goes ahead: the call is `running` again, from now (its lease too)."""
-        self.invocation_ref(run, server_round, call).update(
-            {"status": RUNNING, "started": firestore.SERVER_TIMESTAMP}
-        )
-
-    def note_invocation(self, run: str, server_round: int, call: str, event: dict) -> None:
-        """Append `event` (see `fault_event` etc.) to the call's `events` (the document is
-        created if the call never reached a function)."""
+    def start_invocation(self, run: str, server_round: int, call: str, message_id: str) -> None:
+        """The driver sent the call (again): `running` from now."""
         self.invocation_ref(run, server_round, call).set(
-            {"events": firestore.ArrayUnion([event])}, merge=True
+            {"status": RUNNING, "message_id": message_id, "started": firestore.SERVER_TIMESTAMP},
+            merge=True,
         )
 
-    def record_verdict(self, run: str, server_round: int, call: str, reason: str) -> None:
-        """The driver's side: why it left this call's reply out of the round. A call still
-        `running` then (its process died, or it straggles past the deadline) is marked failed;
-        a straggler that finishes later records its own outcome over it."""
+    def end_invocation(
+        self, run: str, server_round: int, call: str, record: dict, events: list[dict]
+    ) -> None:
+        """The call's outcome; a success clears an earlier attempt's error (kept in `events`,
+        merged with those already there)."""
+        cleared = {} if "error" in record else {"error": firestore.DELETE_FIELD}
+        self.invocation_ref(run, server_round, call).set(
+            {
+                **cleared,
+                **record,
+                **({"events": firestore.ArrayUnion(events)} if events else {}),
+                "ended": firestore.SERVER_TIMESTAMP,
+            },
+            merge=True,
+        )
+
+    def record_verdict(
+        self, run: str, server_round: int, call: str, reason: str, known: dict
+    ) -> None:
+        """Why the driver left this call's reply out of the round, with what the call records
+        say (`known`: attempts and events). A call still `running` then (its process died, or
+        it straggles past the deadline) is marked failed; a straggler that finishes later
+        records its own outcome over it."""
         ref = self.invocation_ref(run, server_round, call)
         snap = ref.get()
         still_running = snap.exists and snap.to_dict().get("status") == RUNNING
         ref.set(
             {
                 "dropped": reason,
-                "events": firestore.ArrayUnion([left_out_event(reason)]),
+                "attempts": known.get("attempts", 0),
+                "events": firestore.ArrayUnion([*known.get("events", []), left_out_event(reason)]),
                 **(
                     {"status": FAILED, "error": f"the driver gave up on this call: {reason}"}
                     if still_running
@@ -177,11 +159,4 @@ class RoundStore:
                 ),
             },
             merge=True,
-        )
-
-    def end_invocation(self, run: str, server_round: int, call: str, record: dict) -> None:
-        """The call's outcome; a success clears an earlier attempt's error (kept in `events`)."""
-        cleared = {} if "error" in record else {"error": firestore.DELETE_FIELD}
-        self.invocation_ref(run, server_round, call).update(
-            {**cleared, **record, "ended": firestore.SERVER_TIMESTAMP}
         )

@@ -1,14 +1,15 @@
 """What a serverless run cost and survived, for `result.json`'s `serverless` section: the
 driver's view of each call (time, bytes) and what the invocation documents say (faults
 injected, attempts, take-overs, failures, replies left out), read from their structured
-`events` (`roundstore.fault_event` etc.)."""
+`events` (`callrecords.fault_event` etc.)."""
 
 from __future__ import annotations
 
 import numpy as np
 
+from flwr_kd.serverless.callrecords import FAILED, FAULT, TOOK_OVER
 from flwr_kd.serverless.grid import CloudFunctionGrid
-from flwr_kd.serverless.roundstore import FAILED, FAULT, TOOK_OVER, RoundStore
+from flwr_kd.serverless.roundstore import RoundStore
 
 
 def overhead_summary(grid: CloudFunctionGrid) -> dict:

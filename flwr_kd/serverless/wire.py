@@ -2,9 +2,10 @@
 large `ArrayRecord`s moved to Cloud Storage and sent by reference.
 
 Envelope: `{"version": 1, "run": ..., "round": r, "message": <base64 Flower Message proto>,
-"objects": {<record name>: <object name>}}`. An offloaded record is one `.npz` object named
-after what it is (e.g. `.../clients/c0/arrays.npz`); the receiver reads it back (checksum
-verified) and puts it into the message again.
+"objects": {<record name>: <object name>}}`, and `"client": <client id>` on messages to a
+client function (a pooled function serves many). An offloaded record is one `.npz` object
+named after what it is (e.g. `.../outbox/<run>/<r>/train/arrays.npz`); the receiver reads it
+back (checksum verified) and puts it into the message again.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from flwr_kd.serverless.arraystore import AlreadyExists, GcsArrayStore
 
 VERSION = 1
 DEFAULT_OFFLOAD_BYTES = 64 * 1024
+#: Reply records that travel only as stored objects, whatever their size: logits are the
+#: record of what a client said, weights what aggregators read; the driver refuses them inline.
+STORED_REPLY_RECORDS = ("logits", "arrays")
 
 
 class WireError(ValueError):
@@ -39,6 +43,7 @@ def encode(
     prefix: str,
     offload_bytes: int = DEFAULT_OFFLOAD_BYTES,
     always_store: tuple[str, ...] = (),
+    client: str | None = None,
 ) -> tuple[dict, int]:
     """(envelope, bytes written to Cloud Storage) for `msg`; array records above
     `offload_bytes`, or named in `always_store`, go to `names.record_object(prefix, record)`
@@ -68,6 +73,7 @@ def encode(
         "round": server_round,
         "message": base64.b64encode(proto.SerializeToString()).decode(),
         "objects": objects,
+        **({"client": client} if client is not None else {}),
     }
     return body, written
 
@@ -81,22 +87,29 @@ def parse_envelope(body: object) -> dict:
     for key, kind in (("run", str), ("round", int), ("message", str), ("objects", dict)):
         if not isinstance(body.get(key), kind) or isinstance(body.get(key), bool):
             raise WireError(f"field '{key}' missing or not a {kind.__name__}")
-    if not body["run"] or "/" in body["run"]:
-        raise WireError("field 'run' must be a non-empty name without '/'")
+    if not names.is_safe_id(body["run"]):
+        raise WireError("field 'run' must be a non-empty name of letters, digits, '.', '_', '-'")
     if body["round"] < 0:
         raise WireError("field 'round' must be >= 0")
+    if not isinstance(body.get("client", ""), str):
+        raise WireError("field 'client' must be a string")
     return body
 
 
-def decode(body: dict, store: GcsArrayStore) -> Message:
-    """The Message of an envelope, offloaded records read back from Cloud Storage."""
+def decode_proto(body: dict) -> Message:
+    """The Message of an envelope without its offloaded records (nothing is read)."""
     body = parse_envelope(body)
     try:
         proto = ProtoMessage()
         proto.ParseFromString(base64.b64decode(body["message"], validate=True))
-        msg = message_from_proto(proto)
+        return message_from_proto(proto)
     except (binascii.Error, ValueError, TypeError) as exc:
         raise WireError(f"field 'message' is not a base64 Flower message: {exc}") from exc
+
+
+def decode(body: dict, store: GcsArrayStore) -> Message:
+    """The Message of an envelope, offloaded records read back from Cloud Storage."""
+    msg = decode_proto(body)
     if body["objects"]:
         if not msg.has_content():
             raise WireError("objects given for a message without content")

@@ -1,5 +1,5 @@
 """A client function's data, read from Cloud Storage once per split and instance: its private
-partition under its own prefix, the public and test sets; and the check that the arrays a
+partition under its own root, the public and test sets; and the check that the arrays a
 message carries fit this client's model and inputs (a 400 before anything runs)."""
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from flwr_kd.client import ClientData
 from flwr_kd.models import ModelSpec, create_model, state_to_numpy
 from flwr_kd.serverless import names
 from flwr_kd.serverless.arraystore import ArrayStoreError
-from flwr_kd.serverless.functions.env import FunctionEnv, firestore_database, stores
+from flwr_kd.serverless.functions.env import FunctionEnv, array_store
 
 
 @functools.lru_cache(maxsize=2)
 def client_data(bucket: str, data_prefix: str, fingerprint: str) -> ClientData:
-    store, _ = stores(bucket, firestore_database())
+    store = array_store(bucket)
     private = store.get(names.private_object(data_prefix, fingerprint))
     public_name, test_name = names.public_objects(fingerprint)
     public = store.get(public_name)
@@ -41,9 +41,10 @@ def client_data(bucket: str, data_prefix: str, fingerprint: str) -> ClientData:
 
 
 def load_function_data(context: Context, config: ConfigRecord) -> ClientData:
-    """`KDClient.load_data` inside the client function: its own prefix, nothing else."""
+    """`KDClient.load_data` inside the client function: its own root, nothing else."""
     env = FunctionEnv.from_environ("client")
-    return client_data(env.bucket, env.data_prefix, names.data_fingerprint(config))
+    client = env.serving(context.node_config["client-id"] if env.pool else None)
+    return client_data(env.bucket, client.data_prefix, names.data_fingerprint(config))
 
 
 @functools.lru_cache(maxsize=4)
@@ -51,7 +52,9 @@ def _model_shapes(arch: str, spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in state_to_numpy(create_model(arch, spec)).items()}
 
 
-def payload_problem(msg: Message, env: FunctionEnv, config: ConfigRecord) -> str | None:
+def payload_problem(
+    msg: Message, env: FunctionEnv, data_prefix: str, config: ConfigRecord
+) -> str | None:
     """Why the arrays a message carries cannot be this client's model or public inputs (a 400
     before anything runs or is written), or None."""
     if not msg.has_content() or not (
@@ -59,7 +62,7 @@ def payload_problem(msg: Message, env: FunctionEnv, config: ConfigRecord) -> str
     ):
         return None
     try:
-        spec = client_data(env.bucket, env.data_prefix, names.data_fingerprint(config)).model_spec
+        spec = client_data(env.bucket, data_prefix, names.data_fingerprint(config)).model_spec
     except ArrayStoreError:
         return None  # no data for this split: the handler answers with an error reply, as before
     if protocol.ARRAYS in msg.content:

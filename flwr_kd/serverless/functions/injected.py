@@ -1,44 +1,69 @@
 """Injected faults that the client function acts out at its boundary (`flwr_kd.faults` draws
 them): a dying instance, 503 and 504 answers, and damage to a stored reply object. Each is
-recorded in the call's invocation document first, as a structured event."""
+recorded in the call's attempt record before it is acted out (`claims`).
+
+A client can only create objects in its outbox, never replace or delete one, so the damage is
+done as the reply is written: `tamper` writes bytes that do not match their recorded SHA-256,
+`missing` leaves an object out that the reply lists.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import time
 
 from flwr_kd import faults
-from flwr_kd.serverless.arraystore import GcsArrayStore
+from flwr_kd.serverless.arraystore import AlreadyExists, GcsArrayStore, encode_npz
 from flwr_kd.serverless.functions.errors import HttpError
-from flwr_kd.serverless.roundstore import FAILED, RoundStore, fault_event
+
+#: Faults that damage a stored reply object rather than the reply message.
+DAMAGING = ("tamper", "missing")
 
 
-def inject_call_fault(
-    fault: str, plan: faults.FaultPlan, rounds: RoundStore, call: tuple[str, int, str], attempt: int
-) -> None:
-    """Record an injected fault in the call's invocation document, then act out the ones that
-    end the call here: `kill` (the process dies, the document stays "running"), `5xx` (503)
-    and `timeout` (hangs, then 504 as Cloud Run answers a request past its time limit)."""
-    rounds.note_invocation(*call, fault_event(attempt, fault))
+def act_out(fault: str, plan: faults.FaultPlan) -> None:
+    """End the call here for the faults that do: `kill` (the process dies, the call stays
+    unfinished), `5xx` (503) and `timeout` (hangs, then 504 as Cloud Run answers a request
+    past its time limit). Other faults act later (`run_client_app`, `damaging`)."""
     if fault == "kill":
         os._exit(70)  # no clean-up, no reply: as an instance dies
-    if fault in ("5xx", "timeout"):
-        if fault == "timeout":
-            time.sleep(plan.hang_seconds)
-        status, reason = (
-            (503, "injected fault: HTTP 503")
-            if fault == "5xx"
-            else (504, f"injected fault: timeout after {plan.hang_seconds:g}s")
-        )
-        rounds.end_invocation(*call, {"status": FAILED, "error": reason})
-        raise HttpError(status, reason)
+    if fault == "5xx":
+        raise HttpError(503, "injected fault: HTTP 503")
+    if fault == "timeout":
+        time.sleep(plan.hang_seconds)
+        raise HttpError(504, f"injected fault: timeout after {plan.hang_seconds:g}s")
 
 
-def damage_object(store: GcsArrayStore, name: str, fault: str) -> None:
-    """Injected `tamper` (overwrite out of band: bytes no longer match their SHA-256) or
-    `missing` (delete) on a reply object, as a hostile or broken storage path would."""
-    blob = store.bucket.blob(name)
-    if fault == "missing":
-        blob.delete()
-    else:
-        blob.upload_from_string(b"tampered" + blob.download_as_bytes()[8:])
+class DamagedWrites:
+    """Collects a reply's object writes, then creates them with the first (by name) damaged."""
+
+    def __init__(self, store: GcsArrayStore, fault: str) -> None:
+        self.store, self.fault = store, fault
+        self.pending: dict[str, bytes] = {}
+
+    def put(self, name: str, arrays: dict) -> int:
+        self.pending[self.store.check_name(name)] = data = encode_npz(arrays)
+        return len(data)
+
+    def commit(self) -> None:
+        for name, data in sorted(self.pending.items()):
+            sha256 = hashlib.sha256(data).hexdigest()
+            if name == min(self.pending):
+                if self.fault == "missing":
+                    continue
+                data = b"tampered" + data[8:]  # the recorded checksum no longer matches
+            with contextlib.suppress(AlreadyExists):  # written by an earlier attempt
+                self.store.create(name, data, sha256)
+
+
+@contextlib.contextmanager
+def damaging(store: GcsArrayStore, fault: str | None):
+    """The store to write a reply's objects to: `store` itself, or (`tamper`, `missing`) one
+    that damages the first object as it writes them, when the block ends."""
+    if fault not in DAMAGING:
+        yield store
+        return
+    writes = DamagedWrites(store, fault)
+    yield writes
+    writes.commit()

@@ -1,79 +1,53 @@
 """Who may call a function: Google ID tokens checked inside the function itself
-(FLWR_KD_VERIFY_TOKENS=1), on top of Cloud Run's own IAM check in front of it."""
+(FLWR_KD_VERIFY_TOKENS=1), on top of Cloud Run's own IAM check in front of it.
+
+Behind Cloud Run's front end (`K_SERVICE` set, as Cloud Run sets it in the container) a token
+arrives with its signature replaced by `SIGNATURE_REMOVED_BY_GOOGLE`: the front end verified it,
+and only the front end can reach the container, so its claims are checked without the
+signature. Without `K_SERVICE` nothing vouches for a token, and an unsigned one is refused.
+"""
 
 from __future__ import annotations
 
 import os
-import time
 
+from flwr_kd.serverless import idtokens
 from flwr_kd.serverless.functions.errors import HttpError
+from flwr_kd.serverless.idtokens import service_audiences as function_audiences
 
-#: Where Google publishes the keys that sign its ID tokens.
-GOOGLE_CERTS_URL = "https://www.googleapis.com/oauth2/v1/certs"
-#: Seconds the signing certificates are kept before they are fetched again (Google rotates its
-#: keys over days; its certificates endpoint says max-age of a few hours).
-CERTS_TTL_SECONDS = 300
-_certs_cache: dict[str, tuple[float, dict]] = {}
+__all__ = ["caller_authorization", "function_audiences", "verify_caller"]
 
-
-def signing_certs(url: str) -> dict:
-    """{key id: PEM certificate} from `url`, cached for CERTS_TTL_SECONDS; 503 when unreachable
-    (a retry may find it back; the caller's token is not at fault)."""
-    cached = _certs_cache.get(url)
-    if cached and time.monotonic() - cached[0] < CERTS_TTL_SECONDS:
-        return cached[1]
-    import requests
-
-    try:
-        resp = requests.get(url, timeout=10)
-        resp.raise_for_status()
-        certs = resp.json()
-    except (requests.RequestException, ValueError) as exc:
-        raise HttpError(
-            503, f"cannot fetch the ID-token signing certificates: {type(exc).__name__}"
-        ) from exc
-    _certs_cache[url] = (time.monotonic(), certs)
-    return certs
+#: The header Cloud Run verifies in place of `Authorization` when a caller sends both.
+SERVERLESS_AUTHORIZATION = "X-Serverless-Authorization"
 
 
-def verify_caller(authorization: str | None, audiences: tuple[str, ...] = ()) -> None:
+def caller_authorization(headers) -> str | None:
+    """The header value Cloud Run checked: `X-Serverless-Authorization` when present (Cloud
+    Run then passes `Authorization` through unverified), else `Authorization`."""
+    return headers.get(SERVERLESS_AUTHORIZATION) or headers.get("Authorization")
+
+
+def verify_caller(authorization: str | None, audiences: tuple[str, ...] = ()) -> str | None:
     """With FLWR_KD_VERIFY_TOKENS=1, accept only a valid Google ID token of FLWR_KD_INVOKER
-    (on top of Cloud Run's own IAM check) whose audience is this function's URL.
+    whose audience is this function's URL, and return that e-mail (None with verification
+    off).
 
     Signatures are checked against Google's public certificates, or those at
-    FLWR_KD_TOKEN_CERTS_URL (a local signer's, so the emulated stack can test this). Errors
-    never repeat the token (it is a credential until it expires)."""
+    FLWR_KD_TOKEN_CERTS_URL (a local token service's, so the emulated stack can test this)."""
     if os.environ.get("FLWR_KD_VERIFY_TOKENS") != "1":
-        return
-    if not authorization or not authorization.startswith("Bearer "):
-        raise HttpError(401, "missing 'Authorization: Bearer <Google ID token>' header")
-    import google.auth.exceptions
-    import google.auth.jwt
-
-    token = authorization[len("Bearer ") :].strip()
-    certs = signing_certs(os.environ.get("FLWR_KD_TOKEN_CERTS_URL") or GOOGLE_CERTS_URL)
+        return None
     try:
-        claims = google.auth.jwt.decode(token, certs=certs)
-    except (ValueError, google.auth.exceptions.GoogleAuthError) as exc:
-        reason = str(exc)
-        for part in [token, *token.split(".")]:
-            if part:
-                reason = reason.replace(part, "<redacted>")
-        raise HttpError(401, f"invalid ID token: {reason[:200]}") from exc
-    if claims.get("iss") not in ("accounts.google.com", "https://accounts.google.com"):
-        raise HttpError(401, f"ID token issued by {claims.get('iss')!r}, not Google")
-    if claims.get("aud") not in audiences:
-        raise HttpError(401, f"ID token for audience {claims.get('aud')!r}, not this function")
+        token = idtokens.bearer_token(authorization)
+        if os.environ.get("K_SERVICE") and token.endswith("." + idtokens.SIGNATURE_REMOVED):
+            claims = idtokens.unsigned_claims(token)
+        else:
+            certs_url = os.environ.get("FLWR_KD_TOKEN_CERTS_URL") or idtokens.GOOGLE_CERTS_URL
+            claims = idtokens.signed_claims(token, idtokens.signing_certs(certs_url))
+        idtokens.check_issuer_and_audience(claims, audiences)
+    except idtokens.TokenRejected as exc:
+        raise HttpError(exc.status, exc.reason) from exc
     invoker = os.environ.get("FLWR_KD_INVOKER", "")
-    if not invoker or claims.get("email") != invoker or not claims.get("email_verified", False):
+    email = idtokens.verified_email(claims)
+    if not invoker or email != invoker:
         raise HttpError(403, "caller is not the driver's service account")
-
-
-def function_audiences(base_url: str, url_root: str) -> tuple[str, ...]:
-    """The URLs a token for this function may name. Cloud Run ends TLS in front of the
-    container, which therefore sees `http://`; the driver asks for `https://` tokens. (Cloud
-    Run routes by host name, so the Host header is this function's own.)"""
-    urls = {u.rstrip("/") for u in (base_url, url_root)}
-    return tuple(
-        sorted(urls | {"https://" + u.split("://", 1)[1] for u in urls if u.startswith("http://")})
-    )
+    return email
