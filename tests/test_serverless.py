@@ -1248,3 +1248,107 @@ def test_cloud_emulators_serves_both_until_stopped(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+# ------------------------------------------------------------------------- fuzzing the boundary
+
+#: Seeds of the boundary fuzzer: each draws its own mutations, so a failure names the seed that
+#: reproduces it (`fuzz_bodies(seed)`).
+FUZZ_SEEDS = range(6)
+FUZZ_BODIES_PER_SEED = 40
+
+
+def random_json(rng, depth: int = 0):
+    """A JSON value of any shape: scalars of every type and edge, strings of odd text, and
+    containers nested a few levels."""
+    kinds = ["null", "bool", "int", "float", "str", "list", "dict"]
+    kind = rng.choice(kinds if depth < 4 else kinds[:5])
+    if kind == "null":
+        return None
+    if kind == "bool":
+        return rng.random() < 0.5
+    if kind == "int":
+        return rng.choice([0, -1, 1, 2**31, -(2**63), 2**64, rng.randint(-9, 9)])
+    if kind == "float":
+        return rng.choice([0.5, -1e308, 1e308, float("nan"), float("inf"), -0.0])
+    if kind == "str":
+        return rng.choice(
+            ["", "x" * rng.randint(1, 5000), "../..", "gs://b/o", "\u0000\ud7ff", "%%%"]
+        )
+    if kind == "list":
+        return [random_json(rng, depth + 1) for _ in range(rng.randint(0, 4))]
+    return {rng.choice(["run", "round", "objects", "x", ""]): random_json(rng, depth + 1)}
+
+
+def mutate(rng, value):
+    """`value` with one random change somewhere inside: a field replaced, removed or added."""
+    if isinstance(value, dict) and value and rng.random() < 0.7:
+        key = rng.choice(sorted(value))
+        out = dict(value)
+        choice = rng.random()
+        if choice < 0.15:
+            del out[key]
+        elif choice < 0.55:
+            out[key] = random_json(rng)
+        else:
+            out[key] = mutate(rng, value[key])
+        return out
+    if isinstance(value, list) and value and rng.random() < 0.7:
+        out = list(value)
+        i = rng.randrange(len(out))
+        out[i] = mutate(rng, out[i])
+        return out
+    return random_json(rng)
+
+
+def fuzz_bodies(seed: int, valid: dict) -> list[bytes]:
+    """Hostile bodies drawn from `seed`: mutations of a valid envelope (one to three changes),
+    random JSON, and the shapes parsers choke on (deep nesting, huge numbers)."""
+    import random
+
+    rng = random.Random(seed)
+    bodies = []
+    for i in range(FUZZ_BODIES_PER_SEED):
+        if i % 10 == 0:
+            depth = rng.choice([100, 5000, 100000])
+            bodies.append(b"[" * depth + b"]" * depth)
+        elif i % 10 == 1:
+            bodies.append(
+                ('{"version": 1, "run": ' + "9" * rng.choice([50, 5000, 50000]) + "}").encode()
+            )
+        elif i % 10 == 2:
+            bodies.append(json.dumps(random_json(rng)).encode())
+        else:
+            body = valid
+            for _ in range(rng.randint(1, 3)):
+                body = mutate(rng, body)
+            bodies.append(json.dumps(body).encode())
+    return bodies
+
+
+@pytest.mark.usefixtures("server_task_identity")
+@pytest.mark.parametrize("seed", FUZZ_SEEDS)
+def test_every_hostile_body_gets_a_4xx_json_error(live_deployment, seed):
+    """A fuzzer, not a list of guesses: whatever the body's shape, size or depth, the client and
+    aggregator functions answer a JSON error with a 4xx (never a 500 and a traceback)."""
+    run = unique("fuzz")  # its own run: a mutant that is still valid is answered and recorded
+    client_valid = json.loads(envelope(run, arch="resnet10t"))
+    task = names.aggregator_task_object(run, 1, "resnet10t", "distill", 0)
+    aggregator_valid = {
+        "run": run,
+        "round": 1,
+        "task": task,
+        "params": {"arch": "resnet10t"},
+    }
+    targets = [
+        (live_deployment.clients["client-0"].url, client_valid),
+        (live_deployment.aggregators["resnet10t"].url, aggregator_valid),
+    ]
+    for url, valid in targets:
+        for body in fuzz_bodies(seed, valid):
+            resp = post(url, body)
+            what = f"seed {seed}, {url}, body {body[:200]!r}"
+            assert resp.status_code < 500, f"{what}: {resp.status_code} {resp.text[:300]}"
+            assert resp.headers["Content-Type"].startswith("application/json"), what
+            if resp.status_code != 200:
+                assert 400 <= resp.status_code < 500 and list(resp.json()) == ["error"], what
