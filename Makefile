@@ -64,6 +64,7 @@ clean:
 ## Benchmarks (results and REPORT.md under benchmarks/); Fashion-MNIST comes from Debian.
 bench: $(STAMP) fashion-mnist
 	$(PY) benchmarks/run.py --mode full
+	$(PY) benchmarks/pooled.py
 
 bench-quick: $(STAMP) fashion-mnist
 	$(PY) benchmarks/run.py --mode quick
