@@ -132,6 +132,19 @@ def test_terraform_outputs_give_roots_data_prefixes_and_the_database():
         Deployment.from_terraform_outputs(outputs)
 
 
+def test_terraform_outputs_list_clients_in_partition_order():
+    """Client i holds partition i (Terraform numbers them so): client-10 comes after client-9,
+    not after client-1 as a string sort would put it."""
+    ids = [f"client-{i}" for i in range(12)]
+    outputs = {
+        "client_function_urls": {"value": {c: f"https://{c}" for c in ids}},
+        "client_architectures": {"value": dict.fromkeys(ids, "resnet10t")},
+        "aggregator_function_urls": {"value": {"resnet10t": "https://agg"}},
+        "arrays_bucket": {"value": "arrays"},
+    }
+    assert [c.client_id for c in Deployment.from_terraform_outputs(outputs).clients] == ids
+
+
 class ForbiddenApi:
     """The Cloud Functions API as a driver without roles/cloudfunctions.viewer sees it."""
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from google.api_core import exceptions as gexc
 
+from flwr_kd.serverless import names
 from flwr_kd.serverless.grid import ClientEndpoint
 
 #: The permission `check_active` needs (in roles/cloudfunctions.viewer).
@@ -55,7 +56,7 @@ class Deployment:
                 ClientEndpoint(
                     cid, urls[cid], archs[cid], roots.get(cid, ""), prefixes.get(cid, "")
                 )
-                for cid in sorted(urls)
+                for cid in sorted(urls, key=names.client_order)
             ],
             aggregators=dict(value("aggregator_function_urls")),
             firestore_database=optional("firestore_database", "(default)"),
@@ -123,7 +124,7 @@ def discover(project: str, region: str, prefix: str, client=None) -> Deployment:
         raise DeploymentError(f"no aggregator function for architecture(s) {missing}")
     return Deployment(
         bucket=buckets.pop(),
-        clients=sorted(clients, key=lambda c: c.client_id),
+        clients=sorted(clients, key=lambda c: names.client_order(c.client_id)),
         aggregators=aggregators,
         firestore_database=databases.pop(),
     )

@@ -29,6 +29,14 @@ def is_safe_id(name: str) -> bool:
     return bool(_SAFE_ID.match(name)) and ".." not in name
 
 
+def client_order(client_id: str) -> tuple:
+    """Sort key of client ids in partition order: `client-2` before `client-10`, as Terraform
+    numbers them (client i holds partition i)."""
+    head = client_id.rstrip("0123456789")
+    tail = client_id[len(head) :]
+    return (head, int(tail) if tail else -1, client_id)
+
+
 def node_id_for(client_id: str) -> int:
     """A stable Flower node id (a positive int) for a client id."""
     return zlib.crc32(client_id.encode()) + 1
