@@ -32,6 +32,7 @@ from flwr.app import Context, RecordDict
 from inprocess_grid import RUN_ID, InProcessGrid, node_id_of
 
 from flwr_kd import load_models, make_evaluate_fn, protocol, save_models
+from flwr_kd.configs import FedMDRoundConfig
 from flwr_kd.models import ModelSpec, create_model, load_numpy_state, state_to_numpy
 from flwr_kd.records import pack_models, unpack_models
 from flwr_kd.superlink import CONNECTION, LocalSuperLink
@@ -270,8 +271,12 @@ def test_fedmd_example_runs_on_the_inprocess_grid(tmp_path, monkeypatch):
     # weights went out once (the transfer-learned ones) and never came back: only logits did
     sent = [m for m in grid.messages_of(protocol.FEDMD_ROUND) if protocol.ARRAYS in m.content]
     assert len(sent) == 3 and not [r for r in grid.replies if protocol.ARRAYS in r.content]
-    # the models stayed with their nodes: each node's store, and transfer learning's cache
-    assert sorted(p.stem for p in (out / "client_state").glob("*.npz")) == sorted(nodes)
+    # the models stayed with their nodes: each node's store (beside each architecture's
+    # transfer-learned weights, from which a node without a model rejoins), and transfer
+    # learning's cache
+    published = [FedMDRoundConfig.pretrained_key(a) for a in ARCHS]
+    stored = sorted(p.stem for p in (out / "client_state").glob("*.npz"))
+    assert stored == sorted([*nodes, *published])
     assert len(list((tmp_path / "cache").glob("*.npz"))) == len(ARCHS)
     manifest = json.loads((out / "client_models" / "models.json").read_text())
     assert {n: e["architecture"] for n, e in manifest["models"].items()} == nodes
