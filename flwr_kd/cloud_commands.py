@@ -53,7 +53,7 @@ def run_cloud(args: argparse.Namespace, cfg: ExperimentConfig) -> int:
                     "cannot check the functions are ACTIVE without project and region "
                     "(or pass --skip-active-check)"
                 )
-            check_active(project, region, deployment.function_urls())
+            check_active(project, region, deployment.function_urls(), mode=deployment.mode)
     except (OSError, ValueError, KeyError, DeploymentError) as exc:
         print(f"flwr-kd: error: {exc}", file=sys.stderr)
         return 2

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 from google.api_core.exceptions import PermissionDenied
-from google.cloud import functions_v2
+from google.cloud import functions_v2, run_v2
 
 from flwr_kd.serverless.deployment import Deployment, DeploymentError, check_active, discover
 
@@ -156,3 +156,56 @@ def test_check_active_without_the_permission_warns_and_names_it(capsys):
     check_active(PROJECT, REGION, ["https://kd-client-c0.run.app"], client=ForbiddenApi())
     err = capsys.readouterr().err
     assert "warning" in err and "cloudfunctions.functions.list" in err, err
+
+
+class CloudRunApi:
+    """Answers list_services like run_v2.ServicesClient: the pooled mode's services."""
+
+    def __init__(self, services):
+        self.services = services
+
+    def list_services(self, parent: str):
+        assert parent == f"projects/{PROJECT}/locations/{REGION}"
+        return iter(self.services)
+
+
+def service(name: str, state: str) -> run_v2.Service:
+    return run_v2.Service(
+        name=f"projects/{PROJECT}/locations/{REGION}/services/{name}",
+        uri=f"https://{name}-abc.a.run.app",
+        urls=[f"https://{name}-123.{REGION}.run.app"],
+        terminal_condition=run_v2.Condition(state=run_v2.Condition.State[state]),
+    )
+
+
+def test_pooled_deployments_are_checked_as_cloud_run_services():
+    """Terraform's pooled mode deploys Cloud Run services, not Cloud Functions: the check asks
+    the Cloud Run API and reads each service's terminal condition."""
+    api = CloudRunApi(
+        [service("kd-pool-resnet10t", "CONDITION_SUCCEEDED"), service("kd-agg", "CONDITION_FAILED")]
+    )
+    ready = [f"https://kd-pool-resnet10t-123.{REGION}.run.app"]
+    check_active(PROJECT, REGION, ready, client=api, mode="pooled")
+    with pytest.raises(DeploymentError, match="kd-agg: state CONDITION_FAILED, not ready"):
+        check_active(
+            PROJECT, REGION, [*ready, "https://kd-agg-abc.a.run.app"], client=api, mode="pooled"
+        )
+    outputs = {
+        "deployment_mode": {"value": "pooled"},
+        "client_function_urls": {"value": {"c0": ready[0]}},
+        "client_architectures": {"value": {"c0": "resnet10t"}},
+        "aggregator_function_urls": {"value": {"resnet10t": "https://kd-agg-abc.a.run.app"}},
+        "arrays_bucket": {"value": "arrays"},
+    }
+    assert Deployment.from_terraform_outputs(outputs).mode == "pooled"
+
+
+class ForbiddenRunApi:
+    def list_services(self, parent: str):
+        raise PermissionDenied("Permission 'run.services.list' denied")
+
+
+def test_pooled_check_without_the_permission_warns_and_names_it(capsys):
+    check_active(PROJECT, REGION, ["https://x.run.app"], client=ForbiddenRunApi(), mode="pooled")
+    err = capsys.readouterr().err
+    assert "run.services.list" in err and "roles/run.viewer" in err and "warning" in err

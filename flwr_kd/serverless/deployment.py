@@ -1,6 +1,8 @@
 """Where a deployment's functions, bucket, client roots and Firestore database are: from
 `terraform output -json`, or found with the Cloud Functions API (`google-cloud-functions`);
-and the check before round 1 that every function is ACTIVE.
+and the check before round 1 that every function is ready: ACTIVE Cloud Functions in the
+isolated mode, Cloud Run services whose terminal condition succeeded in the pooled mode
+(`google-cloud-run`), as Terraform deploys them.
 
 Functions are recognised by the names terraform/ gives them (`<prefix>-client-<id>`,
 `<prefix>-agg-<arch>`) and described by the environment they run with (docs/serverless.md).
@@ -16,8 +18,12 @@ from google.api_core import exceptions as gexc
 from flwr_kd.serverless import names
 from flwr_kd.serverless.grid import ClientEndpoint
 
-#: The permission `check_active` needs (in roles/cloudfunctions.viewer).
+#: The permission `check_active` needs, and the role Terraform grants it in, per mode.
 LIST_PERMISSION = "cloudfunctions.functions.list"
+LIST_PERMISSIONS = {
+    "isolated": (LIST_PERMISSION, "roles/cloudfunctions.viewer"),
+    "pooled": ("run.services.list", "roles/run.viewer"),
+}
 
 
 class DeploymentError(RuntimeError):
@@ -32,6 +38,8 @@ class Deployment:
     clients: list[ClientEndpoint]
     aggregators: dict[str, str]  # architecture -> URL
     firestore_database: str = "(default)"
+    #: "isolated" (Cloud Functions) or "pooled" (Cloud Run services), as terraform/ deployed it.
+    mode: str = "isolated"
 
     @classmethod
     def from_terraform_outputs(cls, outputs: dict) -> Deployment:
@@ -60,6 +68,7 @@ class Deployment:
             ],
             aggregators=dict(value("aggregator_function_urls")),
             firestore_database=optional("firestore_database", "(default)"),
+            mode=optional("deployment_mode", "isolated"),
         )
 
     def function_urls(self) -> list[str]:
@@ -83,8 +92,9 @@ def _short(fn) -> str:
     return fn.name.rsplit("/", 1)[-1]
 
 
-def _state(fn) -> str:
-    state = fn.state
+def _state(item) -> str:
+    """A Cloud Function's state, or a Cloud Run service's terminal condition's."""
+    state = item.state if hasattr(item, "service_config") else item.terminal_condition.state
     return getattr(state, "name", str(state))
 
 
@@ -130,27 +140,50 @@ def discover(project: str, region: str, prefix: str, client=None) -> Deployment:
     )
 
 
-def check_active(project: str, region: str, urls: list[str], client=None) -> None:
-    """Raise `DeploymentError` naming every function at `urls` that is missing or not ACTIVE.
-    A driver not allowed to list functions is warned (naming the permission), not stopped:
-    the first call to a function that is not ready fails, and is retried, anyway."""
+def check_active(
+    project: str, region: str, urls: list[str], client=None, mode: str = "isolated"
+) -> None:
+    """Raise `DeploymentError` naming every function at `urls` that is missing or not ready.
+    A driver not allowed to list them is warned (naming the permission), not stopped: the
+    first call to a function that is not ready fails, and is retried, anyway."""
+    permission, role = LIST_PERMISSIONS[mode]
     try:
-        functions = _functions(project, region, client)
+        listed = (_services if mode == "pooled" else _functions)(project, region, client)
     except gexc.PermissionDenied as exc:
         print(
-            f"flwr-kd: warning: cannot check that the functions are ACTIVE: the driver lacks "
-            f"{LIST_PERMISSION} on projects/{project}/locations/{region} "
-            f"(roles/cloudfunctions.viewer); going on without the check ({exc.message})",
+            f"flwr-kd: warning: cannot check that the functions are ready: the driver lacks "
+            f"{permission} on projects/{project}/locations/{region} "
+            f"({role}); going on without the check ({exc.message})",
             file=sys.stderr,
         )
         return
-    by_url = {fn.service_config.uri: fn for fn in functions}
+    by_url = {url: item for item in listed for url in _urls(item)}
     problems = []
     for url in urls:
-        fn = by_url.get(url)
-        if fn is None:
+        item = by_url.get(url)
+        if item is None:
             problems.append(f"{url}: no such function in projects/{project}/locations/{region}")
-        elif _state(fn) != "ACTIVE":
-            problems.append(f"{_short(fn)}: state {_state(fn)}, not ACTIVE")
+        elif _state(item) not in READY_STATES:
+            problems.append(f"{_short(item)}: state {_state(item)}, not ready")
     if problems:
         raise DeploymentError("functions not ready: " + "; ".join(problems))
+
+
+#: A Cloud Function's `state`, or a Cloud Run service's terminal condition, when it serves.
+READY_STATES = ("ACTIVE", "CONDITION_SUCCEEDED")
+
+
+def _services(project: str, region: str, client) -> list:
+    """The region's Cloud Run services (the pooled mode's functions)."""
+    if client is None:
+        from google.cloud import run_v2
+
+        client = run_v2.ServicesClient()
+    return list(client.list_services(parent=f"projects/{project}/locations/{region}"))
+
+
+def _urls(item) -> list[str]:
+    """A Cloud Function's URL, or a Cloud Run service's URLs (`uri` and its other forms)."""
+    if hasattr(item, "service_config"):
+        return [item.service_config.uri]
+    return [item.uri, *item.urls]
