@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import psutil
@@ -17,6 +18,8 @@ import pytest
 from flwr_kd.cli import main
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+#: When the running test's runtime was set up (`contained_runtime`).
+TEST_STARTED = {"at": 0.0}
 
 
 @pytest.mark.parametrize(
@@ -76,6 +79,7 @@ def contained_runtime(tmp_path, monkeypatch):
     monkeypatch.setenv("RAY_DEDUP_LOGS", "0")
     flwr_logger = logging.getLogger("flwr")
     level = flwr_logger.level
+    TEST_STARTED["at"] = time.time() - 1  # process start times are rounded
     yield tmp_path
     flwr_logger.setLevel(level)
     shutil.rmtree(ray_tmp, ignore_errors=True)
@@ -90,7 +94,9 @@ def assert_quiet(output: str) -> None:
 def assert_nothing_left_running() -> None:
     """No process of the run is alive: every process it started (SuperLink, SuperExec, the
     simulation process, Ray's processes and workers) inherited this test's RAY_TMPDIR, even
-    those whose parent exited; and no Flower or Ray process is left below this one."""
+    those whose parent exited; and no Flower or Ray process started during this test is left
+    below this one (emulators that a session fixture of the same worker started earlier are
+    not the run's)."""
     ray_tmp = os.environ["RAY_TMPDIR"]
     assert (Path(ray_tmp) / "ray").is_dir()  # Ray ran with it: its processes carried it
     left = []
@@ -104,8 +110,10 @@ def assert_nothing_left_running() -> None:
     for child in psutil.Process().children(recursive=True):
         try:
             command = " ".join(child.cmdline())
-            if child.status() != psutil.STATUS_ZOMBIE and any(
-                n in command for n in ("flower-", "flwr", "ray", "gcs_server")
+            if (
+                child.status() != psutil.STATUS_ZOMBIE
+                and child.create_time() >= TEST_STARTED["at"]
+                and any(n in command for n in ("flower-", "flwr", "ray", "gcs_server"))
             ):
                 children.append(f"{child.pid} {command[:80]}")
         except psutil.NoSuchProcess:
