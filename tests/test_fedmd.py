@@ -114,6 +114,15 @@ class RecordingFanOut(SerialFanOut):
         return super().map(fn, tasks)
 
 
+def _federation(tmp_path, num_nodes: int, **kwargs):
+    """(data, grid, strategy, config) of a FedMD federation of `num_nodes` in-process
+    nodes on the digits split, as most tests here start one."""
+    spec = _spec(num_nodes)
+    data = load_federated(spec)
+    strategy = _fedmd(data, tmp_path, num_nodes, **kwargs)
+    return data, _grid(num_nodes), strategy, _config(spec)
+
+
 def _client_store(tmp_path) -> LocalStateStore:
     return LocalStateStore(tmp_path / "clients")
 
@@ -163,11 +172,7 @@ def test_subsets_are_deterministic_per_seed_and_differ_between_rounds(tmp_path):
 
 def test_consensus_is_the_float32_mean_of_the_replies_logits(tmp_path):
     n = 4
-    spec = _spec(n)
-    data = load_federated(spec)
-    grid = _grid(n)
-    strategy = _fedmd(data, tmp_path, n)
-    config = _config(spec)
+    data, grid, strategy, config = _federation(tmp_path, n)
     store = _client_store(tmp_path)
 
     consensus = strategy.init_phase(grid, _initial(data.model_spec), config, timeout=60)
@@ -241,11 +246,7 @@ def test_fused_round_digests_then_revisits_then_replies_and_keeps_the_model_in_t
     tmp_path, monkeypatch
 ):
     n = 4
-    spec = _spec(n)
-    data = load_federated(spec)
-    grid = _grid(n)
-    strategy = _fedmd(data, tmp_path, n)
-    config = _config(spec)
+    data, grid, strategy, config = _federation(tmp_path, n)
     store = _client_store(tmp_path)
 
     events: list[tuple] = []  # (name, node or details)
@@ -374,11 +375,7 @@ def test_a_client_whose_state_is_gone_rejoins_from_its_transfer_learned_weights(
     tmp_path, monkeypatch
 ):
     n = 4
-    spec = _spec(n)
-    data = load_federated(spec)
-    grid = _grid(n)
-    strategy = _fedmd(data, tmp_path, n)
-    config = _config(spec)
+    data, grid, strategy, config = _federation(tmp_path, n)
     consensus = strategy.prepare(grid, pack_models(_initial(data.model_spec)), config, 60)
     _, consensus, metrics = _round(strategy, grid, 1, consensus, config)
     assert metrics["rejoined"] == 0
@@ -528,11 +525,7 @@ def _other_arch(arch: str) -> str:
 
 def test_invalid_replies_are_left_out_of_the_consensus(tmp_path, caplog):
     n = 11
-    spec = _spec(n)
-    data = load_federated(spec)
-    grid = _grid(n)
-    strategy = _fedmd(data, tmp_path, n)
-    config = _config(spec)
+    data, grid, strategy, config = _federation(tmp_path, n)
     consensus = strategy.init_phase(grid, _initial(data.model_spec), config, timeout=60)
     assert strategy.stats[0].replies == n
 
@@ -618,11 +611,7 @@ def test_a_malformed_reply_config_is_left_out_not_fatal(tmp_path, caplog):
     """A reply whose 'subset-round' is not a number is one more invalid reply: it must be left
     out with a reason while the round goes on, not crash the server's aggregation."""
     n = 3
-    spec = _spec(n)
-    data = load_federated(spec)
-    grid = _grid(n)
-    strategy = _fedmd(data, tmp_path, n)
-    config = _config(spec)
+    data, grid, strategy, config = _federation(tmp_path, n)
     consensus = strategy.init_phase(grid, _initial(data.model_spec), config, timeout=60)
 
     def garbled_round(reply):
