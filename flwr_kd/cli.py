@@ -95,6 +95,12 @@ def _experiment_flags(sim: argparse.ArgumentParser) -> None:
     d = ExperimentConfig()
     sim.add_argument("--strategy", default=d.strategy, help=f"one of {', '.join(STRATEGIES)}")
     sim.add_argument("--dataset", default=d.dataset, help="digits, fashion-mnist or hf:<name>")
+    sim.add_argument(
+        "--public-dataset",
+        default=d.public_dataset,
+        help="public set from another task (FedMD's regime), e.g. digits; default: a cut of "
+        "--dataset",
+    )
     sim.add_argument("--clients", type=int, default=d.num_clients)
     sim.add_argument(
         "--partitioner",
@@ -166,6 +172,7 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
         {
             "strategy": args.strategy,
             "dataset": args.dataset,
+            "public-dataset": args.public_dataset,
             "num-clients": args.clients,
             "alpha": args.alpha,
             "partitioner": args.partitioner,

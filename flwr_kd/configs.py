@@ -135,9 +135,22 @@ class DeviceConfig(FlatConfig):
 # -- server tasks -----------------------------------------------------------------------------
 
 
+#: Which weights server-side distillation hands back (`DistillConfig.selection`).
+SELECTIONS = ("guard", "best", "last")
+
+
 @dataclass(frozen=True)
 class DistillConfig(FlatConfig):
-    """Hyper-parameters of server-side distillation (paper: 1e4 steps, patience 1e3)."""
+    """Hyper-parameters of server-side distillation (paper: 1e4 steps, patience 1e3).
+
+    `selection` says which weights distillation hands back (`flwr_kd.distill.SELECTIONS`):
+    "guard" (default) runs all `steps` and keeps the result unless the server's validation set
+    shows it significantly worse than the starting (FedAvg) model; "best" is the paper's early
+    stopping (validate every `eval_every` steps, stop after `patience` without improvement,
+    keep the best); "last" is plain FedDF (fixed steps, no validation). With validation sets
+    of tens to hundreds of samples, "best" picks noise: it hands back the FedAvg model more
+    often than it should and validates more than it distils (see benchmarks/REPORT.md).
+    """
 
     PREFIX: ClassVar[str] = "distill-"
 
@@ -145,8 +158,9 @@ class DistillConfig(FlatConfig):
     batch_size: int = 64
     lr: float = 1e-3
     temperature: float = 1.0
-    eval_every: int = 10
-    patience: int = 50  # steps without a validation improvement before stopping
+    selection: str = "guard"
+    eval_every: int = 10  # selection "best" only
+    patience: int = 50  # selection "best": steps without a validation improvement before stopping
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,11 @@
 """Datasets and their federated split: the one entry point, `load_federated(DataSpec)`.
 
 One labelled pool becomes: a public distillation set (unlabelled for FedDF, labelled for FedMD's
-transfer learning), a small labelled server validation set (early stopping of distillation), a
-test set, and one private partition per client, split by the flwr-datasets partitioner that
-`DataSpec.partitioner` names (Dirichlet over labels by default). The same `DataSpec` always
-gives the same split, so clients and server can each rebuild it from a few config values.
+transfer learning; or another task's pool, `DataSpec.public_dataset`), a small labelled server
+validation set (guarding distillation), a test set, and one private partition per client,
+split by the flwr-datasets partitioner that `DataSpec.partitioner` names (Dirichlet over
+labels by default). The same `DataSpec` always gives the same split, so clients and server can
+each rebuild it from a few config values.
 
 Where things live: `flwr_kd.dataspec` (the spec and the cut into pools), `flwr_kd.local_data`
 (digits, Fashion-MNIST), `flwr_kd.hf_data` (hf:<id or directory> through FederatedDataset),
@@ -98,6 +99,26 @@ def _local_pools(spec: DataSpec) -> Pools:
     )
 
 
+def _foreign_public(spec: DataSpec, private_x: np.ndarray, num_classes: int) -> tuple:
+    """(x, y, classes) of the public set from another task (`spec.public_dataset`): that
+    embedded dataset's whole labelled pool, resized to the private images' size (grey images
+    repeated over their channels), labels shifted by the private `num_classes`."""
+    from flwr_kd.local_data import load_local, resize
+
+    x, y, _ = load_local(spec.public_dataset)
+    channels, size = private_x.shape[1], private_x.shape[2]
+    if x.shape[2] != size:
+        x = resize(x, size)
+    if x.shape[1] != channels:
+        if x.shape[1] != 1:
+            raise DataError(
+                f"public dataset '{spec.public_dataset}' has {x.shape[1]} channels, the private "
+                f"images {channels}: only grey public images can be repeated over channels"
+            )
+        x = np.repeat(x, channels, axis=1)
+    return x, y + num_classes, int(y.max()) + 1
+
+
 @functools.lru_cache(maxsize=4)
 def load_federated(spec: DataSpec) -> FederatedData:
     """Load and split `spec`'s dataset, once per process and spec: clients call it for every
@@ -110,6 +131,9 @@ def load_federated(spec: DataSpec) -> FederatedData:
         pools = load_hf_pools(spec)
     else:
         pools = _local_pools(spec)
+    if spec.public_dataset:
+        px, py, public_classes = _foreign_public(spec, pools.private[0], pools.num_classes)
+        pools.public, pools.num_classes = (px, py), pools.num_classes + public_classes
     # Standardise with the statistics of the training pool only.
     private_x = pools.private[0]
     mean, std = float(private_x.mean()), float(private_x.std()) or 1.0

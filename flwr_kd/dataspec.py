@@ -33,6 +33,10 @@ class DataSpec:
     "pathological" gives each client `classes_per_client` classes.
     `img_size` is the side of the square images models see: 0 keeps the dataset's own (16 for
     digits, 28 for Fashion-MNIST, the first training image's larger side for hf: datasets).
+    `public_dataset` (FedMD's own regime, Li & Wang 2019): "" cuts the public set from
+    `dataset`'s pool (`public_fraction` of it); an embedded dataset's name instead makes its
+    whole labelled pool the public set, a different task: resized to the private images' size,
+    its labels shifted past the private classes, so models get a head over both label sets.
     """
 
     dataset: str = "digits"
@@ -48,6 +52,7 @@ class DataSpec:
     shards_per_client: int = 2  # partitioner "shard"
     classes_per_client: int = 2  # partitioner "pathological"
     img_size: int = 0  # 0: the dataset's own size
+    public_dataset: str = ""  # "": public set cut from `dataset`; else another task's pool
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS and not self.dataset.startswith("hf:"):
@@ -69,6 +74,16 @@ class DataSpec:
         for name in ("shards_per_client", "classes_per_client"):
             if getattr(self, name) < 1:
                 raise DataError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.public_dataset and self.public_dataset not in DATASETS:
+            raise DataError(
+                f"unknown public dataset '{self.public_dataset}': choose one of "
+                f"{', '.join(DATASETS)} (or none, to cut the public set from the private one)"
+            )
+        if self.public_dataset == self.dataset:
+            raise DataError(
+                f"public dataset '{self.public_dataset}' is the private dataset: leave it empty "
+                "to cut the public set from the private pool"
+            )
         if self.img_size < 0:
             raise DataError(
                 f"img_size must be positive (or 0 for the dataset's own), got {self.img_size}"
@@ -105,7 +120,8 @@ class SplitPositions:
 
 def split_positions(spec: DataSpec, pool_size: int, test_size: int | None) -> SplitPositions:
     """Shuffle the labelled pool with `spec.seed` and cut it: test (only when the dataset ships
-    none, `test_size` None), public, validation, then the private rest; apply the caps."""
+    none, `test_size` None), public (none when `spec.public_dataset` names another task),
+    validation, then the private rest; apply the caps."""
     order = np.random.default_rng(spec.seed).permutation(pool_size)
     cut = 0
     if test_size is None:
@@ -113,7 +129,7 @@ def split_positions(spec: DataSpec, pool_size: int, test_size: int | None) -> Sp
         test = order[:cut]
     else:
         test = np.arange(test_size)  # the shipped test split, in file order
-    n_public = int(pool_size * spec.public_fraction)
+    n_public = 0 if spec.public_dataset else int(pool_size * spec.public_fraction)
     n_val = max(1, int(pool_size * spec.val_fraction))
     public = order[cut : cut + n_public]
     val = order[cut + n_public : cut + n_public + n_val]

@@ -2,9 +2,9 @@
 
 FedDF distils every architecture's FedAvg model towards the averaged logits of all clients on
 unlabelled public data (Lin et al. 2020): KL divergence at temperature T, Adam with a cosine
-schedule, a step budget, and early stopping on a small labelled validation set that keeps the
-best weights seen (the starting weights included, so distillation never returns a model worse
-on validation than the one it was given).
+schedule and a step budget. A small labelled validation set guards the result: by default the
+distilled weights are refused only when they are significantly worse than the starting ones
+(`DistillConfig.selection`; the paper's early stopping is "best").
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from flwr_kd.configs import DeviceConfig, DistillConfig, FedMDRoundConfig
+from flwr_kd.configs import SELECTIONS, DeviceConfig, DistillConfig, FedMDRoundConfig
 from flwr_kd.devices import record_phase, run_on
-from flwr_kd.training import batches, evaluate
+from flwr_kd.training import batches, predict_logits
 
 
 def kd_loss(
@@ -51,12 +51,39 @@ def average_logits(logits: list[np.ndarray], weights: list[float] | None = None)
     return np.tensordot(w / w.sum(), stacked, axes=1).astype(np.float32)
 
 
+#: One-sided z of the guard's test (5%): distillation's result is refused only when it got
+#: significantly more validation samples wrong than the starting model.
+GUARD_Z = 1.645
+
+
 @dataclass(frozen=True)
 class DistillReport:
     steps_run: int
-    best_step: int
+    best_step: int  # the step whose weights were handed back (0: the starting weights)
     initial_val_accuracy: float
-    best_val_accuracy: float
+    best_val_accuracy: float  # of the weights handed back (nan with selection "last")
+    validation_seconds: float = 0.0  # of the distillation's time, spent on validation
+
+
+def regressed(correct_before: np.ndarray, correct_after: np.ndarray, z: float = GUARD_Z) -> bool:
+    """Whether the model got significantly worse on the same samples: a one-sided McNemar
+    (sign) test on the samples only one of the two models gets right."""
+    lost = int(np.sum(correct_before & ~correct_after))
+    gained = int(np.sum(~correct_before & correct_after))
+    return lost - gained > z * float(np.sqrt(lost + gained))
+
+
+class _Validator:
+    """Scores the model on the validation set and keeps the time it took."""
+
+    def __init__(self, model, val_x, val_y, device) -> None:
+        self.model, self.x, self.y, self.device, self.seconds = model, val_x, val_y, device, 0.0
+
+    def correct(self) -> np.ndarray:
+        t = time.perf_counter()
+        logits = predict_logits(self.model, self.x, self.device, phase="evaluation")
+        self.seconds += time.perf_counter() - t
+        return logits.argmax(1) == self.y
 
 
 def distill(
@@ -69,10 +96,12 @@ def distill(
     seed: int = 0,
     device: DeviceConfig | None = None,
 ) -> DistillReport:
-    """Distil `model` in place towards `teacher_logits` on `x`; restore its best weights.
-    `device`: where (`flwr_kd.devices`); None: where the model is."""
+    """Distil `model` in place towards `teacher_logits` on `x`, then hand back the weights
+    `config.selection` picks. `device`: where (`flwr_kd.devices`); None: where the model is."""
     if len(x) != len(teacher_logits):
         raise ValueError(f"{len(x)} inputs but {len(teacher_logits)} teacher logits")
+    if config.selection not in SELECTIONS:
+        raise ValueError(f"distill selection must be one of {SELECTIONS}, got '{config.selection}'")
     on, started = run_on(model, device), time.perf_counter()
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -80,8 +109,11 @@ def distill(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, config.steps))
     update = on.stepper(opt)
     xt, tt = torch.from_numpy(x), torch.from_numpy(np.asarray(teacher_logits, np.float32))
-    _, best_acc = evaluate(model, val_x, val_y, device)
-    initial_acc, best_step, best_state = best_acc, 0, copy.deepcopy(model.state_dict())
+    validate = _Validator(model, val_x, val_y, device)
+    validating = config.selection != "last" and len(val_x) > 0
+    start_correct = validate.correct() if validating else np.zeros(0, bool)
+    initial_acc = float(start_correct.mean()) if validating else float("nan")
+    best = {"acc": initial_acc, "step": 0, "state": copy.deepcopy(model.state_dict())}
     bs = min(config.batch_size, len(x))
     step = 0
     while step < config.steps:
@@ -92,15 +124,26 @@ def distill(
         update(loss)
         sched.step()
         step += 1
-        if step % config.eval_every == 0 or step == config.steps:
-            _, acc = evaluate(model, val_x, val_y, device)
-            if acc > best_acc:
-                best_acc, best_step, best_state = acc, step, copy.deepcopy(model.state_dict())
-            elif step - best_step >= config.patience:
+        if (
+            validating
+            and config.selection == "best"
+            and (step % config.eval_every == 0 or step == config.steps)
+        ):
+            acc = float(validate.correct().mean())
+            if acc > best["acc"]:
+                best.update(acc=acc, step=step, state=copy.deepcopy(model.state_dict()))
+            elif step - best["step"] >= config.patience:
                 break
-    model.load_state_dict(best_state)
+    if config.selection == "last" or not validating:
+        best.update(step=step, acc=float("nan") if not validating else best["acc"])
+    elif config.selection == "guard":
+        after = validate.correct()
+        if not regressed(start_correct, after):
+            best.update(acc=float(after.mean()), step=step, state=None)
+    if best["state"] is not None and best["step"] != step:
+        model.load_state_dict(best["state"])
     record_phase("distillation", model, step * bs, started)
-    return DistillReport(step, best_step, initial_acc, best_acc)
+    return DistillReport(step, best["step"], initial_acc, best["acc"], validate.seconds)
 
 
 DIGEST_LOSSES = ("mae", "kl")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 from flwr_kd.configs import (
+    SELECTIONS,
     DeviceConfig,
     DistillConfig,
     FedMDRoundConfig,
@@ -51,6 +52,9 @@ class ExperimentConfig:
     distill_steps: int = DistillConfig.steps
     distill_batch_size: int = DistillConfig.batch_size
     distill_lr: float = DistillConfig.lr
+    distill_selection: str = DistillConfig.selection  # "guard", "best" (early stopping), "last"
+    distill_eval_every: int = DistillConfig.eval_every
+    distill_patience: int = DistillConfig.patience
     temperature: float = DistillConfig.temperature
     subset_size: int = 0  # public samples per round; 0 means all
     teacher: str = "clients"
@@ -79,6 +83,8 @@ class ExperimentConfig:
     # the private pool's size: it must not see more labels than the clients hold.
     max_val_fraction: float = 0.1
     public_fraction: float = 0.25
+    # FedMD's own regime: public labelled data from another task (flwr_kd.dataspec.DataSpec)
+    public_dataset: str = DataSpec.public_dataset
     local_only_baseline: bool = True
     out_dir: str = ""
     track: str = ""  # experiment tracking: "" (off) or "mlflow" (flwr_kd.tracking)
@@ -144,6 +150,7 @@ class ExperimentConfig:
             shards_per_client=self.shards_per_client,
             classes_per_client=self.classes_per_client,
             img_size=self.img_size,
+            public_dataset=self.public_dataset,
         )
 
     @property
@@ -172,6 +179,9 @@ class ExperimentConfig:
             batch_size=self.distill_batch_size,
             lr=self.distill_lr,
             temperature=self.temperature,
+            selection=self.distill_selection,
+            eval_every=self.distill_eval_every,
+            patience=self.distill_patience,
         )
 
     def client_config(self) -> dict:
@@ -215,6 +225,8 @@ class ExperimentConfig:
             "batch_size",
             "distill_batch_size",
             "distill_steps",
+            "distill_eval_every",
+            "distill_patience",
             "pretrain_epochs",
             "finetune_epochs",
             "digest_epochs",
@@ -232,6 +244,11 @@ class ExperimentConfig:
             raise ConfigError(f"teacher must be clients or server, got '{self.teacher}'")
         if self.logits_dtype not in ("float16", "float32"):
             raise ConfigError(f"logits-dtype must be float16 or float32, got '{self.logits_dtype}'")
+        if self.distill_selection not in SELECTIONS:
+            raise ConfigError(
+                f"distill-selection must be one of {', '.join(SELECTIONS)}, "
+                f"got '{self.distill_selection}'"
+            )
         if self.digest_loss not in ("mae", "kl"):
             raise ConfigError(f"digest-loss must be mae or kl, got '{self.digest_loss}'")
         if not 1 <= self.min_replies <= self.num_clients:

@@ -215,6 +215,8 @@ def test_partitioner_that_cannot_split_is_a_data_error():
         ({"shards_per_client": 0}, "shards_per_client must be at least 1"),
         ({"classes_per_client": 0}, "classes_per_client must be at least 1"),
         ({"img_size": -1}, "img_size must be positive"),
+        ({"public_dataset": "mnist"}, "unknown public dataset 'mnist'"),
+        ({"public_dataset": "digits"}, "public dataset 'digits' is the private dataset"),
     ],
 )
 def test_data_spec_rejects_bad_values(kwargs, match):
@@ -275,6 +277,27 @@ def test_fashion_mnist_loads_idx_files(tmp_path, monkeypatch, clean_data_cache):
         assert np.all(flat == flat[:, :1])  # each image is still uniform
         order = np.argsort(y, kind="stable")
         assert np.all(np.diff(flat[order, 0]) >= 0), "brighter images must have larger labels"
+    _assert_disjoint_cover(data)
+
+
+def test_public_set_from_another_task_gets_its_own_labels(tmp_path, monkeypatch, clean_data_cache):
+    """FedMD's paper regime: Fashion-MNIST private, digits public. The whole digits pool is the
+    public set, at the private images' size, with labels past the private classes; the private
+    pool keeps what would have been the public cut."""
+    _write_fashion_mnist(tmp_path, n_train=60, n_test=12)
+    monkeypatch.setenv("FLWR_KD_FASHION_MNIST_DIR", str(tmp_path))
+    spec = DataSpec(dataset="fashion-mnist", num_partitions=2, alpha=None, public_dataset="digits")
+    data = load_federated(spec)
+    digits = load_federated(DataSpec(num_partitions=2))
+
+    assert data.model_spec == ModelSpec(num_classes=20, in_chans=1, img_size=28)
+    n_digits = len(digits.public_x) + len(digits.val_x) + len(digits.private_x) + len(digits.test_x)
+    assert data.public_x.shape == (n_digits, 1, 28, 28)
+    assert sorted(set(data.public_y.tolist())) == list(range(10, 20))
+    assert set(data.private_y.tolist()) | set(data.test_y.tolist()) <= set(range(10))
+    n_val = max(1, int(60 * 0.05))
+    assert len(data.private_x) == 60 - n_val  # no public cut from the private pool
+    assert DataSpec.from_config(spec.to_config()) == spec
     _assert_disjoint_cover(data)
 
 

@@ -1,4 +1,5 @@
-"""The distillation core: loss, ensemble teacher, and the early-stopped distillation loop."""
+"""The distillation core: loss, ensemble teacher, and the distillation loop with each way of
+picking the weights it hands back (guard, early stopping, plain)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from flwr_kd.distill import DistillConfig, average_logits, distill, kd_loss
+from flwr_kd.distill import DistillConfig, average_logits, distill, kd_loss, regressed
 from flwr_kd.models import create_model
 from flwr_kd.training import evaluate, train_supervised
 
@@ -134,10 +135,8 @@ def test_distill_rejects_mismatched_teacher(digits):
         )
 
 
-def test_distill_restores_initial_weights_when_teacher_only_hurts(digits):
-    """A model already perfect on validation, distilled towards wrong labels: every step makes
-    it worse, so early stopping must stop after `patience` steps and hand back the very
-    starting weights (BatchNorm buffers included)."""
+def _perfect_model(digits):
+    """A small model that gets all of its 128 validation samples right, and its weights."""
     x, y = digits.public_x[:128], digits.public_y[:128]
     torch.manual_seed(0)
     model = nn.Sequential(
@@ -148,10 +147,18 @@ def test_distill_restores_initial_weights_when_teacher_only_hurts(digits):
         if evaluate(model, x, y)[1] == 1.0:
             break
     assert evaluate(model, x, y)[1] == 1.0, "precondition: the model fits its validation set"
-    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    return model, x, y, {k: v.clone() for k, v in model.state_dict().items()}
 
+
+def test_early_stopping_restores_initial_weights_when_teacher_only_hurts(digits):
+    """A model already perfect on validation, distilled towards wrong labels: every step makes
+    it worse, so early stopping (selection "best") must stop after `patience` steps and hand
+    back the very starting weights (BatchNorm buffers included)."""
+    model, x, y, initial = _perfect_model(digits)
     wrong_teacher = _one_hot_logits((y + 1) % 10, 10, scale=10.0)
-    config = DistillConfig(steps=200, batch_size=64, lr=1e-2, eval_every=5, patience=20)
+    config = DistillConfig(
+        steps=200, batch_size=64, lr=1e-2, selection="best", eval_every=5, patience=20
+    )
     report = distill(model, x, wrong_teacher, x, y, config, seed=0)
 
     assert report.best_step == 0
@@ -165,7 +172,9 @@ def test_distill_towards_good_teacher_improves_validation_accuracy(digits):
     torch.manual_seed(0)
     model = create_model("resnet10t", digits.model_spec)
     teacher = _one_hot_logits(digits.public_y, digits.model_spec.num_classes, scale=5.0)
-    config = DistillConfig(steps=60, batch_size=64, lr=1e-3, eval_every=10, patience=1000)
+    config = DistillConfig(
+        steps=60, batch_size=64, lr=1e-3, selection="best", eval_every=10, patience=1000
+    )
     report = distill(model, digits.public_x, teacher, digits.val_x, digits.val_y, config, seed=0)
 
     assert report.steps_run == 60
@@ -174,3 +183,62 @@ def test_distill_towards_good_teacher_improves_validation_accuracy(digits):
     assert report.best_val_accuracy > report.initial_val_accuracy + 0.3
     # the model handed back is the best one seen
     assert evaluate(model, digits.val_x, digits.val_y)[1] == pytest.approx(report.best_val_accuracy)
+
+
+def test_guard_refuses_distillation_that_hurts_and_plain_keeps_it(digits):
+    """The default guard runs every step, then hands back the starting weights when the
+    distilled ones get significantly more validation samples wrong; plain FedDF ("last") keeps
+    whatever the steps made, without looking at validation."""
+    wrong_teacher = None
+    for selection in ("guard", "last"):
+        model, x, y, initial = _perfect_model(digits)
+        wrong_teacher = _one_hot_logits((y + 1) % 10, 10, scale=10.0)
+        config = DistillConfig(steps=40, batch_size=64, lr=1e-2, selection=selection)
+        report = distill(model, x, wrong_teacher, x, y, config, seed=0)
+        assert report.steps_run == 40
+        if selection == "guard":
+            assert report.best_step == 0
+            assert report.initial_val_accuracy == report.best_val_accuracy == 1.0
+            assert report.validation_seconds > 0
+            assert _states_equal(model.state_dict(), initial)
+        else:
+            assert report.best_step == 40 and np.isnan(report.initial_val_accuracy)
+            assert report.validation_seconds == 0
+            assert evaluate(model, x, y)[1] < 0.5  # the wrong teacher's damage is kept
+
+
+def test_guard_keeps_distillation_that_helps(digits):
+    torch.manual_seed(0)
+    model = create_model("resnet10t", digits.model_spec)
+    teacher = _one_hot_logits(digits.public_y, digits.model_spec.num_classes, scale=5.0)
+    config = DistillConfig(steps=60, batch_size=64, lr=1e-3)  # the default selection: guard
+    report = distill(model, digits.public_x, teacher, digits.val_x, digits.val_y, config, seed=0)
+    assert (report.steps_run, report.best_step) == (60, 60)
+    assert report.best_val_accuracy > report.initial_val_accuracy + 0.3
+    assert evaluate(model, digits.val_x, digits.val_y)[1] == pytest.approx(report.best_val_accuracy)
+
+
+def test_regressed_is_a_one_sided_sign_test_on_disagreements():
+    right = np.ones(100, bool)
+    assert not regressed(right, right)  # no disagreement: nothing to refuse
+    worse = right.copy()
+    worse[:2] = False
+    assert not regressed(right, worse)  # 2 lost, 0 gained: 2 < 1.645 * sqrt(2)
+    worse[:3] = False
+    assert regressed(right, worse)  # 3 lost: 3 > 1.645 * sqrt(3)
+    before, after = right.copy(), right.copy()
+    before[:6], after[6:16] = False, False  # 6 gained, 10 lost: a net 4 of 16 disagreements
+    assert not regressed(before, after)  # 4 < 1.645 * sqrt(16): noise, not a regression
+
+
+def test_unknown_selection_is_refused(digits):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(256, 10))
+    with pytest.raises(ValueError, match="selection must be one of"):
+        distill(
+            model,
+            digits.public_x[:10],
+            np.zeros((10, 10), np.float32),
+            digits.val_x,
+            digits.val_y,
+            DistillConfig(steps=1, selection="first"),
+        )

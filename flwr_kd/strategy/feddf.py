@@ -174,16 +174,18 @@ class FedDF(HeteroFedAvg):
                 "best_step": o.report.best_step,
                 "val_accuracy_before": round(o.report.initial_val_accuracy, 4),
                 "val_accuracy_after": round(o.report.best_val_accuracy, 4),
+                "validation_seconds": round(o.report.validation_seconds, 3),
                 "teacher_seconds": round(o.teacher_seconds, 3),
                 "seconds": round(o.distill_seconds, 3),
             }
             log(
                 INFO,
-                "distil %s: val acc %.3f -> %.3f (%d steps)",
+                "distil %s: val acc %.3f -> %.3f (%d steps, kept step %d)",
                 o.arch,
                 o.report.initial_val_accuracy,
                 o.report.best_val_accuracy,
                 o.report.steps_run,
+                o.report.best_step,
             )
         return {o.arch: o.state for o in outcomes}
 
