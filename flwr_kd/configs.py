@@ -87,7 +87,8 @@ class FedMDRoundConfig(MessageHeader):
 
     The paper digests 1 epoch of 5000 public samples at batch 256 (20 steps) with MAE on
     logits and revisits 2-10 epochs; scaled to ~450 public digits: 4 epochs at batch 32 (56
-    steps), KL at T=3 (more accurate than MAE here, see the FedMD issue note), 1 revisit.
+    steps), KL at T=3 (more accurate than MAE here, see the FedMD issue note), 1 revisit at a
+    tenth of the learning rate (`revisit_lr`).
     """
 
     REQUIRED: ClassVar[tuple[str, ...]] = ("phase", "subset_round", "state_uri")
@@ -101,6 +102,10 @@ class FedMDRoundConfig(MessageHeader):
     digest_batch_size: int = 32
     temperature: float = 3.0
     revisit_epochs: int = 1
+    # Revisiting fine-tunes a trained model on a small, label-skewed private set: at `lr`
+    # (1e-3) one Adam epoch forgets the classes the client lacks and every round loses accuracy
+    # (digits, 8 clients, alpha 0.5: 0.823 -> 0.724 revisiting alone); at 1e-4 it gains.
+    revisit_lr: float = 1e-4
     finetune_epochs: int = 20  # init phase: at most this many epochs on private data...
     finetune_patience: int = 3  # ...stopping after this many without a held-out improvement
     batch_size: int = TrainConfig.batch_size  # private-data training (fine-tune, revisit)

@@ -24,6 +24,15 @@ from flwr_kd.models import DEFAULT_ARCHITECTURES, check_architecture
 from flwr_kd.registry import STRATEGIES
 from flwr_kd.tracking import check_tracker  # the strategy names, from what the runner can build
 
+#: Run-config keys whose value is one of a few names.
+CHOICES = {
+    "teacher": ("clients", "server"),
+    "logits_dtype": ("float16", "float32"),
+    "digest_loss": ("mae", "kl"),
+    "distill_selection": SELECTIONS,
+    "fanout": ("process", "serial"),
+}
+
 
 class ConfigError(ValueError):
     """A run-config value is invalid; the message names the key."""
@@ -68,6 +77,7 @@ class ExperimentConfig:
     digest_loss: str = FedMDRoundConfig.digest_loss
     digest_temperature: float = FedMDRoundConfig.temperature
     revisit_epochs: int = FedMDRoundConfig.revisit_epochs
+    revisit_lr: float = FedMDRoundConfig.revisit_lr
     # Reliability: a round needs `min-replies` valid replies; `round-timeout` (seconds, 0:
     # Flower's default of 3600) cuts stragglers; `fail-*` inject faults (see flwr_kd.faults).
     min_replies: int = 2
@@ -138,20 +148,13 @@ class ExperimentConfig:
 
     @property
     def data_spec(self) -> DataSpec:
-        return DataSpec(
-            dataset=self.dataset,
-            num_partitions=self.num_clients,
-            alpha=self.alpha or None,
-            seed=self.seed,
-            max_private=self.max_private,
-            max_test=self.max_test,
-            public_fraction=self.public_fraction,
-            partitioner=self.partitioner,
-            shards_per_client=self.shards_per_client,
-            classes_per_client=self.classes_per_client,
-            img_size=self.img_size,
-            public_dataset=self.public_dataset,
-        )
+        """The split: DataSpec's fields of the same names, over `num-clients` clients."""
+        shared = {
+            f.name: getattr(self, f.name)
+            for f in fields(DataSpec)
+            if f.name != "alpha" and hasattr(self, f.name)
+        }
+        return DataSpec(**shared, num_partitions=self.num_clients, alpha=self.alpha or None)
 
     @property
     def local_budget_epochs(self) -> int:
@@ -240,17 +243,12 @@ class ExperimentConfig:
             raise ConfigError(f"max-val-fraction must lie in (0, 1], got {self.max_val_fraction}")
         if not 0 < self.fraction_train <= 1:
             raise ConfigError(f"fraction-train must lie in (0, 1], got {self.fraction_train}")
-        if self.teacher not in ("clients", "server"):
-            raise ConfigError(f"teacher must be clients or server, got '{self.teacher}'")
-        if self.logits_dtype not in ("float16", "float32"):
-            raise ConfigError(f"logits-dtype must be float16 or float32, got '{self.logits_dtype}'")
-        if self.distill_selection not in SELECTIONS:
-            raise ConfigError(
-                f"distill-selection must be one of {', '.join(SELECTIONS)}, "
-                f"got '{self.distill_selection}'"
-            )
-        if self.digest_loss not in ("mae", "kl"):
-            raise ConfigError(f"digest-loss must be mae or kl, got '{self.digest_loss}'")
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(
+                    f"{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
+                    f"got '{getattr(self, name)}'"
+                )
         if not 1 <= self.min_replies <= self.num_clients:
             raise ConfigError(f"min-replies must lie in [1, num-clients], got {self.min_replies}")
         if not 0 <= self.fail_rate <= 1:
@@ -266,8 +264,6 @@ class ExperimentConfig:
                 check_tracker(self.track)
             except (ValueError, ImportError) as exc:
                 raise ConfigError(f"track: {exc}") from None
-        if self.fanout not in ("process", "serial"):
-            raise ConfigError(f"fanout must be process or serial, got '{self.fanout}'")
         self._validate_devices()
 
     def _validate_devices(self) -> None:

@@ -122,6 +122,7 @@ def build_fedmd(
     private_training = {
         "finetune_epochs": cfg.finetune_epochs,
         "revisit_epochs": cfg.revisit_epochs,
+        "revisit_lr": cfg.revisit_lr,
         "batch_size": cfg.batch_size,
         "lr": cfg.lr,
     }

@@ -51,16 +51,17 @@ def train_private(
     settings: TrainConfig | FedMDRoundConfig,
     seed: int,
     device: DeviceConfig,
+    lr: float | None = None,
 ) -> float:
     """Train on the node's private training part at the message's batch size and lr (a
-    `train` message, FedMD's revisit); returns the last epoch's mean loss."""
+    `train` message; FedMD's revisit passes its own `lr`); returns the last epoch's mean loss."""
     return train_supervised(
         model,
         data.train_x,
         data.train_y,
         epochs=epochs,
         batch_size=settings.batch_size,
-        lr=settings.lr,
+        lr=settings.lr if lr is None else lr,
         seed=seed,
         device=device,
     )
@@ -202,7 +203,8 @@ class KDClient:
             )
             timings["digest-seconds"] = time.perf_counter() - t
             t = time.perf_counter()
-            train_private(model, data, settings.revisit_epochs, settings, seed + 1, device)
+            revisit = (settings.revisit_epochs, settings, seed + 1, device, settings.revisit_lr)
+            train_private(model, data, *revisit)
             timings["revisit-seconds"] = time.perf_counter() - t
         store.save(key, state_to_numpy(model))
         t = time.perf_counter()

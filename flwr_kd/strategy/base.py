@@ -76,6 +76,6 @@ def check_min_replies(min_replies: int) -> None:
 
 def public_subset(n_public: int, size: int, seed: int, server_round: int) -> np.ndarray:
     """Sorted indices of round `server_round`'s public subset: `size` of `n_public`, the same
-    for a seed and round on every call."""
+    for a seed and round on every call. int32, as they travel (FedMD sends them every round)."""
     rng = np.random.default_rng((seed, server_round))
-    return np.sort(rng.choice(n_public, size, replace=False))
+    return np.sort(rng.choice(n_public, size, replace=False)).astype(np.int32)

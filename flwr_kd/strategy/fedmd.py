@@ -75,6 +75,8 @@ class FedMD(KDStrategy):
         Batch size of the digest step.
     revisit_epochs : int (default: 1)
         Epochs on private data after digesting.
+    revisit_lr : float (default: 1e-4)
+        Adam learning rate of the revisit (a tenth of `lr`: see `FedMDRoundConfig`).
     batch_size : int (default: 16)
         Batch size of private-data training (fine-tuning and revisit).
     lr : float (default: 0.001)
@@ -123,6 +125,7 @@ class FedMD(KDStrategy):
         digest_epochs: int = FedMDRoundConfig.digest_epochs,
         digest_batch_size: int = FedMDRoundConfig.digest_batch_size,
         revisit_epochs: int = FedMDRoundConfig.revisit_epochs,
+        revisit_lr: float = FedMDRoundConfig.revisit_lr,
         batch_size: int = FedMDRoundConfig.batch_size,
         lr: float = FedMDRoundConfig.lr,
         temperature: float = FedMDRoundConfig.temperature,
@@ -154,6 +157,7 @@ class FedMD(KDStrategy):
             digest_batch_size=digest_batch_size,
             temperature=temperature,
             revisit_epochs=revisit_epochs,
+            revisit_lr=revisit_lr,
             finetune_epochs=finetune_epochs,
             finetune_patience=finetune_patience,
             batch_size=batch_size,
