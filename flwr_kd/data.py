@@ -55,6 +55,9 @@ class FederatedData:
     private_x: np.ndarray
     private_y: np.ndarray
     partitions: Sequence[np.ndarray]  # indices into private_x, one per client (built lazily)
+    #: The private task's classes: the head's leading outputs (all of them unless the public set
+    #: is another task, whose classes follow).
+    task_classes: int = 0
 
     def client_data(
         self, partition_id: int
@@ -83,19 +86,30 @@ def _local_pools(spec: DataSpec) -> Pools:
     from flwr_kd.partitioning import partition_labels
 
     x, y, test = load_local(spec.dataset)
+    num_classes = int(max(y.max(), -1 if test is None else test[1].max())) + 1
     if spec.img_size and spec.img_size != x.shape[2]:
         x = resize(x, spec.img_size)
         test = None if test is None else (resize(test[0], spec.img_size), test[1])
+    public = None
+    if spec.public_classes_from:  # the public task: classes >= K; the private one: the rest
+        task, k = y < spec.public_classes_from, spec.public_classes_from
+        if not 0 < k < num_classes:
+            raise DataError(f"public_classes_from {k} leaves no class for one of the two tasks")
+        keep = np.random.default_rng(spec.seed).permutation(int((~task).sum()))
+        keep = keep[: max(1, int(len(keep) * spec.public_fraction))]  # as a same-task cut's
+        public, x, y = (x[~task][keep], y[~task][keep]), x[task], y[task]
+        test = None if test is None else (test[0][test[1] < k], test[1][test[1] < k])
     pos = split_positions(spec, len(x), None if test is None else len(test[0]))
     test_x, test_y = (x, y) if test is None else test
     private_y = y[pos.private]
     return Pools(
-        public=(x[pos.public], y[pos.public]),
+        public=(x[pos.public], y[pos.public]) if public is None else public,
         val=(x[pos.val], y[pos.val]),
         private=(x[pos.private], private_y),
         test=(test_x[pos.test], test_y[pos.test]),
         partitions=partition_labels(spec, private_y),
-        num_classes=int(max(y.max(), test_y.max())) + 1,
+        num_classes=num_classes,
+        task_classes=spec.public_classes_from or num_classes,
     )
 
 
@@ -131,6 +145,7 @@ def load_federated(spec: DataSpec) -> FederatedData:
         pools = load_hf_pools(spec)
     else:
         pools = _local_pools(spec)
+    task_classes = pools.task_classes or pools.num_classes
     if spec.public_dataset:
         px, py, public_classes = _foreign_public(spec, pools.private[0], pools.num_classes)
         pools.public, pools.num_classes = (px, py), pools.num_classes + public_classes
@@ -159,4 +174,5 @@ def load_federated(spec: DataSpec) -> FederatedData:
         private_x=norm(private_x),
         private_y=pools.private[1],
         partitions=pools.partitions,
+        task_classes=task_classes,
     )

@@ -37,6 +37,9 @@ class DataSpec:
     `dataset`'s pool (`public_fraction` of it); an embedded dataset's name instead makes its
     whole labelled pool the public set, a different task: resized to the private images' size,
     its labels shifted past the private classes, so models get a head over both label sets.
+    `public_classes_from` K > 0 splits `dataset` by task instead: its classes K and up are the
+    public labelled set (`public_fraction` of them; the paper's CIFAR-10 public for CIFAR-100
+    private: one image domain, other labels), classes below K the private pool and test set.
     """
 
     dataset: str = "digits"
@@ -53,6 +56,7 @@ class DataSpec:
     classes_per_client: int = 2  # partitioner "pathological"
     img_size: int = 0  # 0: the dataset's own size
     public_dataset: str = ""  # "": public set cut from `dataset`; else another task's pool
+    public_classes_from: int = 0  # K > 0: classes >= K of `dataset` are the public task
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS and not self.dataset.startswith("hf:"):
@@ -78,6 +82,12 @@ class DataSpec:
             raise DataError(
                 f"unknown public dataset '{self.public_dataset}': choose one of "
                 f"{', '.join(DATASETS)} (or none, to cut the public set from the private one)"
+            )
+        if self.public_classes_from < 0 or (self.public_classes_from and self.public_dataset):
+            raise DataError(
+                "public_classes_from must be 0, or a class index K > 0 without public_dataset "
+                f"(classes >= K of '{self.dataset}' form the public task), got "
+                f"{self.public_classes_from}"
             )
         if self.public_dataset == self.dataset:
             raise DataError(
@@ -129,7 +139,8 @@ def split_positions(spec: DataSpec, pool_size: int, test_size: int | None) -> Sp
         test = order[:cut]
     else:
         test = np.arange(test_size)  # the shipped test split, in file order
-    n_public = 0 if spec.public_dataset else int(pool_size * spec.public_fraction)
+    foreign = spec.public_dataset or spec.public_classes_from
+    n_public = 0 if foreign else int(pool_size * spec.public_fraction)
     n_val = max(1, int(pool_size * spec.val_fraction))
     public = order[cut : cut + n_public]
     val = order[cut + n_public : cut + n_public + n_val]
@@ -158,3 +169,4 @@ class Pools:
     test: tuple[np.ndarray, np.ndarray]
     partitions: list[np.ndarray]
     num_classes: int
+    task_classes: int = 0  # the private task's classes, the leading ones (0: all)

@@ -161,7 +161,8 @@ def digest(
     """FedMD's digest step: train `model` towards the consensus logits on public inputs, as
     the round's config says (`digest_loss`, `digest_epochs`, `digest_batch_size`, `lr`,
     `temperature`). Loss `mae` is the paper code's L1 loss on raw logits; `kl` is `kd_loss`
-    at `temperature`. Returns the mean loss of the last epoch."""
+    at `temperature`. A consensus narrower than the model's head covers its leading outputs
+    (`FedMD`'s `consensus_classes`). Returns the mean loss of the last epoch."""
     loss, temperature = config.digest_loss, config.temperature
     if loss not in DIGEST_LOSSES:
         raise ValueError(f"digest loss must be one of {DIGEST_LOSSES}, got '{loss}'")
@@ -179,7 +180,7 @@ def digest(
         for idx in batches(len(x), config.digest_batch_size, rng):
             target = on.put(ct[idx])
             with on.autocast():
-                out = model(on.put(xt[idx]))
+                out = model(on.put(xt[idx]))[:, : ct.shape[1]]  # the outputs the consensus has
                 value = (
                     F.l1_loss(out, target) if loss == "mae" else kd_loss(out, target, temperature)
                 )

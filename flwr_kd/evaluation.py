@@ -26,6 +26,7 @@ def score_models(
     model_spec: ModelSpec,
     archs: Sequence[str] | None = None,
     device: DeviceConfig | str = "auto",
+    classes: int = 0,
 ) -> dict[str, tuple[float, float]]:
     """(cross-entropy loss, accuracy) of each architecture's model on `(x, y)`.
 
@@ -41,13 +42,15 @@ def score_models(
         The architectures to score, in this order; default: every one in `models`.
     device : DeviceConfig | str (default: "auto")
         Where to score: "auto" (cuda, then mps, then cpu), "cpu", "cuda", "cuda:N", "mps".
+    classes : int (default: 0)
+        Score only the leading outputs (the test task's own classes); 0: all of them.
     """
     states = as_state_dicts(models)
     scores = {}
     for arch in states if archs is None else archs:
         model = create_model(arch, model_spec)
         load_numpy_state(model, states[arch])
-        scores[arch] = evaluate(model, x, y, DeviceConfig.of(device))
+        scores[arch] = evaluate(model, x, y, DeviceConfig.of(device), classes)
     return scores
 
 

@@ -95,6 +95,7 @@ class ExperimentConfig:
     public_fraction: float = 0.25
     # FedMD's own regime: public labelled data from another task (flwr_kd.dataspec.DataSpec)
     public_dataset: str = DataSpec.public_dataset
+    public_classes_from: int = DataSpec.public_classes_from
     local_only_baseline: bool = True
     out_dir: str = ""
     track: str = ""  # experiment tracking: "" (off) or "mlflow" (flwr_kd.tracking)

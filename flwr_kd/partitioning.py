@@ -120,6 +120,9 @@ class Partitions(Sequence):
             with warnings.catch_warnings():
                 # ShardPartitioner's sort trips a pyarrow deprecation no user can act on
                 warnings.filterwarnings("ignore", "Specifying null_placement", FutureWarning)
+                # Dirichlet's redraws below the minimum size are expected with skewed, small
+                # pools; it fails (a DataError below) if none of its draws fits
+                warnings.filterwarnings("ignore", "The specified min_partition_size", UserWarning)
                 partition = self._load_partition(pid)
         except ValueError as exc:
             raise DataError(

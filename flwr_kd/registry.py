@@ -28,9 +28,8 @@ RoundScore = Callable[[int, ArrayRecord], dict[str, float]]
 
 def server_test_score(strategy: Strategy, cfg: ExperimentConfig, data: FederatedData) -> RoundScore:
     """Each architecture's global model on the server's test set, on the run's device."""
-    return ServerTestScore(
-        cfg.arch_list, data.model_spec, data.test_x, data.test_y, cfg.device_config
-    )
+    test = (data.test_x, data.test_y, cfg.device_config, data.task_classes)
+    return ServerTestScore(cfg.arch_list, data.model_spec, *test)
 
 
 def no_report(strategy: Strategy, initial: dict, resumed: bool) -> dict:
@@ -135,6 +134,7 @@ def build_fedmd(
         min_available_nodes=cfg.num_clients,
         measure_pretrain_per_client=cfg.measure_pretrain_per_client,
         seed=cfg.seed,
+        consensus_classes=data.task_classes,
         **digest,
         **private_training,
         **_public_data(cfg, data, fanout),

@@ -28,15 +28,15 @@ class ServerTestScore:
         test_x: np.ndarray,
         test_y: np.ndarray,
         device: DeviceConfig | None = None,
+        classes: int = 0,
     ):
-        self.archs, self.model_spec = archs, model_spec
+        self.archs, self.model_spec, self.classes = archs, model_spec, classes
         self.test_x, self.test_y = test_x, test_y
         self.device = device or DeviceConfig()
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> dict[str, float]:
-        scores = score_models(
-            arrays, self.test_x, self.test_y, self.model_spec, self.archs, self.device
-        )
+        test = (self.test_x, self.test_y, self.model_spec, self.archs, self.device, self.classes)
+        scores = score_models(arrays, *test)
         return {arch: round(accuracy, 4) for arch, (_, accuracy) in scores.items()}
 
 

@@ -74,6 +74,7 @@ def local_only_baseline(
                 y=y,
                 test_x=data.test_x,
                 test_y=data.test_y,
+                test_classes=data.task_classes,
                 epochs=cfg.local_budget_epochs,
                 batch_size=cfg.batch_size,
                 lr=cfg.lr,

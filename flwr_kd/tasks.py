@@ -114,6 +114,7 @@ class LocalTrainTask(OnDevice):
     seed: int = 0
     init_state: State | None = None
     return_state: bool = False
+    test_classes: int = 0  # score only the leading outputs (the test task's classes); 0: all
 
 
 @dataclass
@@ -142,6 +143,6 @@ def run_local_train_task(task: LocalTrainTask) -> LocalTrainOutcome:
         seed=task.seed,
         device=device,
     )
-    _, acc = evaluate(model, task.test_x, task.test_y, device)
+    _, acc = evaluate(model, task.test_x, task.test_y, device, task.test_classes)
     state = state_to_numpy(model) if task.return_state else None
     return LocalTrainOutcome(task.arch, acc, time.perf_counter() - t0, state)

@@ -131,11 +131,18 @@ def predict_logits(
 
 
 def evaluate(
-    model: torch.nn.Module, x: np.ndarray, y: np.ndarray, device: DeviceConfig | None = None
+    model: torch.nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    device: DeviceConfig | None = None,
+    classes: int = 0,
 ) -> tuple[float, float]:
-    """(cross-entropy loss, accuracy) on labelled data."""
+    """(cross-entropy loss, accuracy) on labelled data; `classes` > 0 scores only the leading
+    outputs (a task's own label set, when the head also covers a public task's)."""
     if len(x) == 0:
         return float("nan"), float("nan")
     logits = torch.from_numpy(predict_logits(model, x, device, phase="evaluation"))
+    if classes:
+        logits = logits[:, :classes]
     yt = torch.from_numpy(y)
     return float(F.cross_entropy(logits, yt)), float((logits.argmax(1) == yt).float().mean())

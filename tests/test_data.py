@@ -217,6 +217,11 @@ def test_partitioner_that_cannot_split_is_a_data_error():
         ({"img_size": -1}, "img_size must be positive"),
         ({"public_dataset": "mnist"}, "unknown public dataset 'mnist'"),
         ({"public_dataset": "digits"}, "public dataset 'digits' is the private dataset"),
+        ({"public_classes_from": -1}, "public_classes_from must be 0, or a class index"),
+        (
+            {"public_classes_from": 5, "dataset": "fashion-mnist", "public_dataset": "digits"},
+            "without public_dataset",
+        ),
     ],
 )
 def test_data_spec_rejects_bad_values(kwargs, match):
@@ -299,6 +304,24 @@ def test_public_set_from_another_task_gets_its_own_labels(tmp_path, monkeypatch,
     assert len(data.private_x) == 60 - n_val  # no public cut from the private pool
     assert DataSpec.from_config(spec.to_config()) == spec
     _assert_disjoint_cover(data)
+
+
+def test_public_task_of_other_classes_of_the_same_dataset(tmp_path, monkeypatch, clean_data_cache):
+    """Classes >= K are the public task (a `public_fraction` of them), classes < K the private
+    pool and the test set; the head keeps every class, the private task's leading."""
+    _write_fashion_mnist(tmp_path, n_train=200, n_test=30)
+    monkeypatch.setenv("FLWR_KD_FASHION_MNIST_DIR", str(tmp_path))
+    spec = DataSpec(dataset="fashion-mnist", num_partitions=2, alpha=None, public_classes_from=6)
+    data = load_federated(spec)
+
+    assert data.model_spec.num_classes == 10 and data.task_classes == 6
+    assert set(data.public_y.tolist()) <= set(range(6, 10))
+    assert len(data.public_x) == int(80 * spec.public_fraction)  # 80 of 200 are classes 6-9
+    for labels in (data.private_y, data.val_y, data.test_y):
+        assert set(labels.tolist()) <= set(range(6))
+    assert len(data.private_x) + len(data.val_x) == 120
+    with pytest.raises(DataError, match="leaves no class for one of the two tasks"):
+        load_federated(DataSpec(dataset="fashion-mnist", num_partitions=2, public_classes_from=10))
 
 
 # ---------------------------------------------------------------------------- hf:<local dir>

@@ -242,3 +242,26 @@ def test_unknown_selection_is_refused(digits):
             digits.val_y,
             DistillConfig(steps=1, selection="first"),
         )
+
+
+def test_a_task_scores_and_digests_only_its_own_leading_outputs(digits):
+    """With a public task's classes after the private ones, test accuracy looks only at the
+    private task's outputs, and a consensus over those outputs trains only them."""
+    from flwr_kd.configs import FedMDRoundConfig
+    from flwr_kd.distill import digest
+
+    x, y = digits.test_x[:64], digits.test_y[:64] % 5  # a 5-class task
+    model = nn.Sequential(nn.Flatten(), nn.Linear(256, 10))
+    with torch.no_grad():
+        model[1].bias[5:] = 100.0  # the public task's outputs win every argmax over all 10
+    assert evaluate(model, x, y)[1] == 0.0
+    assert evaluate(model, x, y, classes=5)[1] == pytest.approx(
+        float((model(torch.from_numpy(x))[:, :5].argmax(1).numpy() == y).mean())
+    )
+    before = model[1].bias.detach().clone()
+    consensus = _one_hot_logits(y, 5, scale=5.0)
+    config = FedMDRoundConfig(phase="round", subset_round=1, state_uri="x", digest_epochs=2)
+    digest(model, x, consensus, config=config, seed=0)
+    after = model[1].bias.detach()
+    assert torch.equal(after[5:], before[5:])  # the public task's outputs got no gradient
+    assert not torch.equal(after[:5], before[:5])

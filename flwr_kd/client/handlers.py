@@ -220,7 +220,8 @@ class KDClient:
             **timings,
         }
         if data.test_x is not None:
-            metrics["test-accuracy"] = evaluate(model, data.test_x, data.test_y, device)[1]
+            test = (data.test_x, data.test_y, device, data.task_classes)
+            metrics["test-accuracy"] = evaluate(model, *test)[1]
         return reply(
             message,
             **{

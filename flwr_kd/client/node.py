@@ -28,6 +28,7 @@ class ClientData:
     public_x: np.ndarray | None = None  # the public set, addressed by index (FedMD, FedDF)
     test_x: np.ndarray | None = None  # optional shared test set for per-round accuracy
     test_y: np.ndarray | None = None
+    task_classes: int = 0  # the test task's classes (leading outputs); 0: all
 
 
 def partition_id(context: Context) -> int:
@@ -46,7 +47,8 @@ def load_split_partition(context: Context, config: ConfigRecord) -> ClientData:
     data = load_federated(DataSpec.from_config(dict(config)))
     train_x, train_y, hold_x, hold_y = data.client_data(partition_id(context))
     return ClientData(
-        train_x, train_y, hold_x, hold_y, data.model_spec, data.public_x, data.test_x, data.test_y
+        *(train_x, train_y, hold_x, hold_y, data.model_spec),
+        *(data.public_x, data.test_x, data.test_y, data.task_classes),
     )
 
 

@@ -56,9 +56,11 @@ def check_logits_reply(
     return LogitsReply(arch, logits, metrics, msg.metadata.src_node_id)
 
 
-def average(subset: np.ndarray, valid: list[LogitsReply]) -> ArrayRecord:
-    """The averaged logits on public `subset`, with its indices: what the next round digests."""
+def average(subset: np.ndarray, valid: list[LogitsReply], classes: int = 0) -> ArrayRecord:
+    """The averaged logits on public `subset`, with its indices: what the next round digests.
+    `classes` > 0 keeps the leading outputs only (the private task's, see `FedMD`)."""
     consensus = average_logits([r.logits for r in valid])
+    consensus = consensus[:, :classes] if classes else consensus
     return ArrayRecord({"indices": Array(subset), "logits": Array(consensus)})
 
 

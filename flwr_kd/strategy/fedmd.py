@@ -99,6 +99,9 @@ class FedMD(KDStrategy):
         Valid replies a round (the init phase included) needs, else `FedMDError`.
     min_available_nodes : int (default: 2)
         Connected nodes to wait for before each round.
+    consensus_classes : int (default: 0)
+        The leading outputs the consensus covers (0: all): the private task's classes when the
+        public set is another task's, whose own outputs, digested, pull private images to it.
     logits_dtype : str (default: "float16")
         Dtype of the clients' logits on the wire: "float16" or "float32".
     fanout : FanOut, optional (default: None)
@@ -136,6 +139,7 @@ class FedMD(KDStrategy):
         pretrained_uri: str | None = None,
         min_replies: int = 2,
         min_available_nodes: int = 2,
+        consensus_classes: int = 0,
         logits_dtype: str = FedMDRoundConfig.logits_dtype,
         fanout: FanOut | None = None,
         measure_pretrain_per_client: bool = False,
@@ -167,6 +171,7 @@ class FedMD(KDStrategy):
         )
         self.pretrain, self.cache_dir = pretrain or PretrainConfig(seed=seed), cache_dir
         self.min_replies = min_replies
+        self.consensus_classes = consensus_classes
         self.nodes = ArchitectureRegistry(min_available_nodes)
         self.use_fanout(fanout)
         self.device = DeviceConfig.of(device)
@@ -258,10 +263,10 @@ class FedMD(KDStrategy):
 
     def check_reply(self, msg: Message, subset_round: int) -> consensus.LogitsReply | str:
         """The valid reply, or the reason to leave it out of the consensus."""
-        registered = self._participants.get(msg.metadata.src_node_id)
-        subset = self.subset(subset_round)
+        registered, subset = self._participants.get(msg.metadata.src_node_id), self.subset
+        classes = self.model_spec.num_classes
         return consensus.check_logits_reply(
-            msg, registered, subset_round, subset, self.model_spec.num_classes
+            msg, registered, subset_round, subset(subset_round), classes
         )
 
     def aggregate_train(
@@ -279,7 +284,7 @@ class FedMD(KDStrategy):
         )
         stats.client_compute = [consensus.compute_seconds(r) for r in valid]
         require_replies(server_round, len(valid), self.min_replies, stats, FedMDError)
-        record = consensus.average(self.subset(server_round + 1), valid)
+        record = consensus.average(self.subset(server_round + 1), valid, self.consensus_classes)
         accuracy = self.accuracy[server_round] = consensus.mean_accuracy(valid)
         return record, consensus.round_metrics(server_round, valid, stats, accuracy)
 
@@ -290,11 +295,5 @@ class FedMD(KDStrategy):
         return None
 
     def summary(self) -> None:
-        log(
-            INFO,
-            "\tFedMD: subset=%d, min_replies=%d, %s, %s",
-            self.subset_size,
-            self.min_replies,
-            self.round_config.settings(),
-            self.pretrain,
-        )
+        settings = (self.subset_size, self.min_replies, self.round_config.settings())
+        log(INFO, "\tFedMD: subset=%d, min_replies=%d, %s, %s", *settings, self.pretrain)
