@@ -1,7 +1,11 @@
-"""flwr-kd benchmarks: accuracy against the baselines, and where the time goes.
+"""flwr-kd benchmarks: accuracy over seeds against the baselines, and where the time goes.
 
     python benchmarks/run.py --mode quick   # digits, minutes   (make bench-quick)
     python benchmarks/run.py --mode full    # Fashion-MNIST     (make bench)
+    python benchmarks/run.py --mode quick --sections evidence --seeds 2 --rounds 1   # a smoke
+
+The `evidence` section is the seeded accuracy study (benchmarks/evidence.py, configured by each
+mode's `study`); its runs are kept and reused, so an interrupted bench resumes.
 
 Each section writes benchmarks/results/<mode>/<section>.json (and PNGs); `summary.json` holds
 the headline figures; benchmarks/REPORT.md is rewritten from the results of the full mode.
@@ -25,24 +29,76 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 CORES = os.cpu_count() or 1
 
+
+def study(paper_regime_flags: list[str], early_stopping: bool = True) -> dict:
+    """The seeded accuracy study (benchmarks/evidence.py): per configuration, the flags that
+    set its data (after the mode's own), its methods as [strategy, *flags], and the paired
+    comparisons that make headline keys, as {key: [method a, method b]} (a - b per seed)."""
+    configs = {
+        "alpha0.1": {
+            "flags": ["--partitioner", "dirichlet", "--alpha", "0.1"],
+            "methods": {
+                "feddf": ["feddf"],
+                "fedavg": ["fedavg"],
+                "feddf_plain": ["feddf", "-c", "distill-selection=last"],
+                "feddf_early_stopping": ["feddf", "-c", "distill-selection=best"],
+            },
+            "paired": {
+                "feddf_minus_fedavg_alpha0.1": ["feddf", "fedavg"],
+                "feddf_defaults_minus_plain": ["feddf", "feddf_plain"],
+                "feddf_defaults_minus_early_stopping": ["feddf", "feddf_early_stopping"],
+            },
+        },
+        "shards": {
+            "flags": ["--partitioner", "shard", "-c", "shards-per-client=2"],
+            "methods": {"feddf": ["feddf"], "fedavg": ["fedavg"]},
+            "paired": {"feddf_minus_fedavg_shards": ["feddf", "fedavg"]},
+        },
+        "same_distribution": {  # FedMD with its public set cut from the private task's pool
+            "flags": ["--partitioner", "dirichlet", "--alpha", "0.5"],
+            "methods": {"fedmd": ["fedmd"]},
+            "paired": {"fedmd_minus_transfer_only_same_distribution": ["fedmd", "transfer_only"]},
+        },
+        "paper_regime": {  # FedMD's own: public data from another task, small private data
+            "flags": paper_regime_flags,
+            "methods": {"fedmd": ["fedmd"]},
+            "paired": {"fedmd_minus_transfer_only_paper_regime": ["fedmd", "transfer_only"]},
+        },
+    }
+    if not early_stopping:
+        configs["alpha0.1"]["methods"].pop("feddf_early_stopping")
+        configs["alpha0.1"]["paired"].pop("feddf_defaults_minus_early_stopping")
+    return configs
+
+
+def _c(*pairs: str) -> list[str]:
+    """`-c KEY=VALUE` for each pair."""
+    return [flag for kv in pairs for flag in ("-c", kv)]
+
+
 MODES = {
     "quick": {
         "dataset": "digits",
         "clients": 6,
-        "alphas": [0.1, 100.0],
-        "rounds": 2,
+        "seeds": 3,
+        "rounds": 3,
         "archs": "resnet10t,mobilenetv3_small_050,test_vit",
-        "extra": [
-            "-c",
-            "local-epochs=3",
-            "-c",
-            "distill-steps=60",
-            "-c",
-            "pretrain-epochs=10",
-            "-c",
-            "finetune-epochs=10",
-        ],
-        "aggregation": {"subset": 440, "steps": 30, "clients": 6},
+        "extra": _c(
+            "local-epochs=2",
+            "distill-steps=30",
+            "subset-size=200",
+            "pretrain-epochs=5",
+            "finetune-epochs=5",
+            "digest-epochs=1",
+        ),
+        "study": study(
+            [
+                *("--dataset", "fashion-mnist", "--partitioner", "dirichlet", "--alpha", "0.5"),
+                *_c("public-classes-from=5", "public-fraction=0.02", "max-private=300"),
+                *_c("max-test=500"),
+            ]
+        ),
+        "aggregation": {"subset": 440, "steps": 30, "clients": [6, 12]},
         "emulate_rounds": 1,
         "emulate_clients": 3,
         "soak_rounds": 10,
@@ -50,35 +106,40 @@ MODES = {
     "full": {
         "dataset": "fashion-mnist",
         "clients": 10,
-        "alphas": [0.1, 0.5, 100.0],
-        "rounds": 4,
+        "seeds": 3,
+        "rounds": 5,
         "archs": "resnet10t,mobilenetv3_small_050,test_vit",
-        "extra": [
-            "-c",
-            "max-private=3000",
-            "-c",
-            "max-test=2000",
-            "-c",
-            "local-epochs=3",
-            "-c",
-            "distill-steps=80",
-            "-c",
-            "subset-size=1000",
-            "-c",
-            "pretrain-epochs=3",
-            "-c",
+        "extra": _c(
+            "max-private=1500",
+            "max-test=1000",
+            "local-epochs=2",
+            "distill-steps=60",
+            "subset-size=500",
+            "public-fraction=0.05",
+            "pretrain-epochs=2",
             "finetune-epochs=5",
-            "-c",
-            "digest-epochs=2",
-            "-c",
-            "public-fraction=0.1",
-        ],
-        "aggregation": {"subset": 3000, "steps": 60, "clients": 10},
+            "digest-epochs=1",
+        ),
+        # FedMD's paper regime: Fashion-MNIST classes 5-9 are the public task (10% of them),
+        # classes 0-4 the private one, 60 samples per client on average
+        "study": study(
+            [
+                *("--partitioner", "dirichlet", "--alpha", "0.5"),
+                *_c("public-classes-from=5", "public-fraction=0.1", "max-private=600"),
+            ],
+            early_stopping=False,  # 15 more minutes; quick mode keeps the comparison
+        ),
+        "aggregation": {"subset": 2000, "steps": 60, "clients": [10, 25, 50]},
         "emulate_rounds": 2,
         "emulate_clients": 4,
         "soak_rounds": 50,
     },
 }
+
+
+#: Headline keys of earlier benchmarks, dropped from summary.json when the evidence is rerun:
+#: one seed's difference, and FedMD against a local-only baseline without the public labels.
+OBSOLETE_KEYS = ("feddf_minus_fedavg_alpha0.1", "fedmd_minus_local_only")
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -134,18 +195,6 @@ class MemorySampler:
         }
 
 
-def simulate_args(mode: dict, strategy: str, alpha: float, *flags: str) -> list[str]:
-    """`flwr-kd simulate` arguments for one run of `mode` (flags before the mode's `-c`s)."""
-    return [
-        "simulate",
-        *("--strategy", strategy, "--dataset", mode["dataset"]),
-        *("--clients", str(mode["clients"]), "--alpha", str(alpha)),
-        *("--rounds", str(mode["rounds"]), "--archs", mode["archs"]),
-        *flags,
-        *mode["extra"],
-    ]
-
-
 def flwr_kd(args: list[str], out: Path, memory: bool = False) -> tuple[dict, dict]:
     """Run `flwr-kd ...` in a subprocess (Ray starts and stops cleanly each time); returns
     (result.json, memory peaks)."""
@@ -176,81 +225,6 @@ def save(out: Path, name: str, data: dict) -> None:
 # ---------------------------------------------------------------------------- sections
 
 
-def accuracy_section(mode: dict, out: Path) -> dict:
-    """FedDF, FedMD, FedAvg per group, local-only and centralized; per alpha, same seeds."""
-    from flwr_kd.data import load_federated
-    from flwr_kd.experiment import ExperimentConfig
-    from flwr_kd.fanout import ProcessFanOut
-    from flwr_kd.tasks import LocalTrainTask, run_local_train_task
-
-    runs: dict = {}
-    memory: dict = {}
-    for alpha in mode["alphas"]:
-        for strategy in ("feddf", "fedmd", "fedavg"):
-            # local-only comes from the FedDF run: same data, same budget
-            args = simulate_args(
-                mode, strategy, alpha, *([] if strategy == "feddf" else ["--no-baseline"])
-            )
-            measure_memory = strategy == "feddf" and alpha == mode["alphas"][-1]
-            result, mem = flwr_kd(
-                args, out / "runs" / f"{strategy}-alpha{alpha}", memory=measure_memory
-            )
-            runs[f"{strategy}/{alpha}"] = result
-            if mem:
-                memory = mem
-    # centralized upper bound: each architecture on the pooled private data
-    centralized = {}
-    cfg = ExperimentConfig.from_run_config(
-        {
-            "dataset": mode["dataset"],
-            "num-clients": mode["clients"],
-            "archs": mode["archs"],
-            **_extra_config(mode),
-        }
-    )
-    data = load_federated(cfg.data_spec)
-    with ProcessFanOut() as fanout:
-        tasks = [
-            LocalTrainTask(
-                arch,
-                data.model_spec,
-                data.private_x,
-                data.private_y,
-                data.test_x,
-                data.test_y,
-                epochs=cfg.local_budget_epochs,
-                batch_size=64,
-                seed=0,
-            )
-            for arch in cfg.arch_list
-        ]
-        for o in fanout.map(run_local_train_task, tasks):
-            centralized[o.arch] = round(o.accuracy, 4)
-    table = {}
-    for alpha in mode["alphas"]:
-        feddf = runs[f"feddf/{alpha}"]
-        row = {
-            s: runs[f"{s}/{alpha}"]["rounds"][-1]["accuracy"] for s in ("feddf", "fedmd", "fedavg")
-        }
-        row["local_only"] = feddf["baselines"]["local_only"]
-        row["transfer_only"] = runs[f"fedmd/{alpha}"]["baselines"].get("transfer_only", {})
-        row["centralized"] = centralized
-        row["mean"] = {k: round(float(np.mean(list(v.values()))), 4) for k, v in row.items() if v}
-        row["curves"] = {
-            s: [r["mean_accuracy"] for r in runs[f"{s}/{alpha}"]["rounds"]]
-            for s in ("feddf", "fedmd", "fedavg")
-        }
-        table[str(alpha)] = row
-    data_out = {
-        "config": {k: v for k, v in mode.items() if k != "aggregation"},
-        "alphas": table,
-        "memory": memory,
-    }
-    save(out, "accuracy", data_out)
-    _plot_accuracy(table, out / "accuracy.png")
-    return {"runs": runs, "table": table, "memory": memory}
-
-
 def _extra_config(mode: dict) -> dict:
     extra = mode["extra"]
     pairs = [extra[i + 1] for i in range(0, len(extra), 2) if extra[i] == "-c"]
@@ -261,49 +235,9 @@ def _extra_config(mode: dict) -> dict:
     return out
 
 
-def _plot_accuracy(table: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    alphas = list(table)
-    fig, axes = plt.subplots(1, len(alphas) + 1, figsize=(4.2 * (len(alphas) + 1), 3.8), dpi=110)
-    for ax, alpha in zip(axes, alphas):
-        for s, color in (("feddf", "C0"), ("fedmd", "C1"), ("fedavg", "C2")):
-            curve = table[alpha]["curves"][s]
-            ax.plot(range(1, len(curve) + 1), curve, "o-", color=color, label=s)
-        for name, style in (("local_only", "--"), ("centralized", ":")):
-            ax.axhline(
-                table[alpha]["mean"][name], ls=style, color="gray", label=name.replace("_", "-")
-            )
-        ax.set(title=f"alpha={alpha}", xlabel="round", ylabel="mean test accuracy", ylim=(0, 1))
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    ax = axes[-1]
-    names = ["local_only", "fedavg", "fedmd", "feddf", "centralized"]
-    width = 0.8 / len(alphas)
-    for i, alpha in enumerate(alphas):
-        ax.bar(
-            np.arange(len(names)) + i * width,
-            [table[alpha]["mean"].get(n, 0) for n in names],
-            width,
-            label=f"alpha={alpha}",
-        )
-    ax.set_xticks(
-        np.arange(len(names)) + width * (len(alphas) - 1) / 2, names, rotation=30, fontsize=8
-    )
-    ax.set(title="final mean accuracy", ylim=(0, 1))
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def timing_section(acc: dict, mode: dict, out: Path) -> dict:
-    """Where a FedDF round's time goes, and the framework overhead over the critical path."""
-    alpha = mode["alphas"][len(mode["alphas"]) // 2]
-    result = acc["runs"][f"feddf/{alpha}"]
+def timing_section(result: dict, run: str, out: Path) -> dict:
+    """Where a FedDF round's time goes, and the framework overhead over the critical path, in
+    one run of the study (`run` names it)."""
     rounds = []
     for r in result["rounds"][1:]:  # round 1 includes Ray and worker start-up
         compute = r.get("client_compute") or []
@@ -324,14 +258,12 @@ def timing_section(acc: dict, mode: dict, out: Path) -> dict:
                 "overhead": round(r["seconds"] / critical, 3) if critical else None,
             }
         )
-    overhead = (
-        float(np.mean([r["overhead"] for r in rounds if r["overhead"]])) if rounds else float("nan")
-    )
+    overheads = [r["overhead"] for r in rounds if r["overhead"]]
     data = {
-        "run": f"feddf alpha={alpha}",
+        "run": run,
         "cores": CORES,
         "rounds": rounds,
-        "framework_overhead": round(overhead, 3),
+        "framework_overhead": round(float(np.mean(overheads)), 3) if overheads else None,
         "note": (
             "critical path on this machine's cores: max(longest task, total compute / cores) "
             "for clients and for distillation, plus FedAvg"
@@ -342,8 +274,9 @@ def timing_section(acc: dict, mode: dict, out: Path) -> dict:
 
 
 def aggregation_section(mode: dict, out: Path) -> dict:
-    """FedDF aggregation: teacher logits from clients vs every aggregator evaluating all client
-    models (seed system), and the k architecture tasks in parallel vs one after another."""
+    """FedDF aggregation: teacher logits from the clients vs every aggregator evaluating all
+    client models (the seed system), at each client count of `mode["aggregation"]["clients"]`,
+    side by side; and the k architecture tasks in parallel vs one after another."""
     from flwr_kd.data import DataSpec, load_federated
     from flwr_kd.distill import DistillConfig, average_logits
     from flwr_kd.fanout import ProcessFanOut
@@ -352,27 +285,15 @@ def aggregation_section(mode: dict, out: Path) -> dict:
 
     cfg = mode["aggregation"]
     archs = mode["archs"].split(",")
-    data = load_federated(
-        DataSpec(dataset=mode["dataset"], num_partitions=cfg["clients"], alpha=0.5)
-    )
+    data = load_federated(DataSpec(dataset=mode["dataset"], num_partitions=10, alpha=0.5))
     x = data.public_x[: cfg["subset"]]
-    clients = []
-    for i in range(cfg["clients"]):
-        arch = archs[i % len(archs)]
-        clients.append((arch, state_to_numpy(create_model(arch, data.model_spec))))
-    teacher = teacher_from_models(clients, data.model_spec, x)
-    dc = DistillConfig(steps=cfg["steps"], patience=10**9)  # fixed work: no early stop
+    initial = {a: state_to_numpy(create_model(a, data.model_spec)) for a in archs}
+    dc = DistillConfig(steps=cfg["steps"], selection="last")  # fixed work, no validation
 
-    def tasks(server_side: bool):
+    def tasks(clients: list, teacher, server_side: bool) -> list:
         return [
             DistillTask(
-                arch,
-                data.model_spec,
-                dict(clients[i][1]),
-                x,
-                data.val_x,
-                data.val_y,
-                dc,
+                *(arch, data.model_spec, dict(initial[arch]), x, data.val_x, data.val_y, dc),
                 teacher_logits=None if server_side else teacher,
                 teacher_models=clients if server_side else [],
                 seed=i,
@@ -380,30 +301,40 @@ def aggregation_section(mode: dict, out: Path) -> dict:
             for i, arch in enumerate(archs)
         ]
 
-    timings = {}
+    def timed(fanout, work) -> float:
+        t0 = time.perf_counter()
+        fanout.map(run_distill_task, work)
+        return round(time.perf_counter() - t0, 3)
+
+    curve, teacher = {}, None
     # "serial" is one worker process running the k tasks one after another with all the cores'
     # threads; "parallel" is k workers with one thread each: the same kind of process either way.
     with ProcessFanOut() as parallel, ProcessFanOut(max_workers=1) as serial:
-        for fanout in (parallel, serial):  # start the workers before timing
-            fanout.map(run_distill_task, tasks(False)[:2])
-        for name, fanout, server_side in (
-            ("clients_parallel", parallel, False),
-            ("server_parallel", parallel, True),
-            ("clients_serial", serial, False),
-        ):
-            t0 = time.perf_counter()
-            fanout.map(run_distill_task, tasks(server_side))
-            timings[name] = round(time.perf_counter() - t0, 3)
+        for n in cfg["clients"]:
+            clients = [(archs[i % len(archs)], initial[archs[i % len(archs)]]) for i in range(n)]
+            teacher = teacher_from_models(clients, data.model_spec, x)  # the clients' part
+            if not curve:  # start the workers before timing
+                for fanout in (parallel, serial):
+                    fanout.map(run_distill_task, tasks(clients, teacher, False)[:2])
+            curve[n] = {
+                "clients_parallel": timed(parallel, tasks(clients, teacher, False)),
+                "server_parallel": timed(parallel, tasks(clients, teacher, True)),
+            }
+            curve[n]["speedup"] = round(
+                curve[n]["server_parallel"] / curve[n]["clients_parallel"], 3
+            )
+        first = curve[cfg["clients"][0]]
+        first["clients_serial"] = timed(serial, tasks(clients, teacher, False))
     data_out = {
         "subset": cfg["subset"],
         "clients": cfg["clients"],
         "architectures": archs,
         "distill_steps": cfg["steps"],
-        "seconds": timings,
-        "aggregation_speedup_client_logits": round(
-            timings["server_parallel"] / timings["clients_parallel"], 3
-        ),
-        "fanout_speedup": round(timings["clients_serial"] / timings["clients_parallel"], 3),
+        "seconds": first,
+        "curve": {str(n): c for n, c in curve.items()},
+        **{f"aggregation_speedup_n{n}": c["speedup"] for n, c in curve.items()},
+        "aggregation_speedup_client_logits": first["speedup"],
+        "fanout_speedup": round(first["clients_serial"] / first["clients_parallel"], 3),
         "teacher_logits_bytes_float16": int(average_logits([teacher]).astype(np.float16).nbytes),
     }
     save(out, "aggregation", data_out)
@@ -473,12 +404,29 @@ def pretrain_section(mode: dict, out: Path) -> dict:
     return data_out
 
 
-def communication_section(acc: dict, mode: dict, out: Path) -> dict:
-    """Bytes per client per round (both directions), and float16 vs float32 logits."""
-    alpha = mode["alphas"][len(mode["alphas"]) // 2]
+def communication_section(mode: dict, out: Path) -> dict:
+    """Bytes per client per round (both directions) in the study's seed-0 runs, and float16
+    vs float32 logits (one more FedDF run, beside the study's)."""
+    from evidence import (
+        COST_CONFIG,
+        FEDMD_FALLBACK_CONFIG,
+        cached_run,
+        code_fingerprint,
+        study_args,
+        study_result,
+    )
+
+    runs = {s: study_result(out, COST_CONFIG, s) for s in ("feddf", "fedmd", "fedavg")}
+    fedmd_config = COST_CONFIG if runs["fedmd"] is not None else FEDMD_FALLBACK_CONFIG
+    runs["fedmd"] = runs["fedmd"] or study_result(out, fedmd_config, "fedmd")
+    missing = [s for s, r in runs.items() if r is None]
+    if missing:
+        raise RuntimeError(
+            f"communication needs the study's seed-0 runs of {missing}: run the "
+            "evidence section first"
+        )
     per_strategy = {}
-    for s in ("feddf", "fedmd", "fedavg"):
-        r = acc["runs"][f"{s}/{alpha}"]
+    for s, r in runs.items():
         rows = r["rounds"]
         per_strategy[s] = {
             "down_per_client": int(
@@ -486,11 +434,12 @@ def communication_section(acc: dict, mode: dict, out: Path) -> dict:
             ),
             "up_per_client": int(np.mean([x["bytes"]["up"] / max(1, x["replies"]) for x in rows])),
         }
-    args = simulate_args(mode, "feddf", alpha, "--no-baseline", "--logits-dtype", "float32")
-    f32, _ = flwr_kd(args, out / "runs" / f"feddf-float32-alpha{alpha}")
-    f16 = acc["runs"][f"feddf/{alpha}"]
+    args = study_args(mode, COST_CONFIG, "feddf", 0, "--logits-dtype", "float32")
+    f32, _ = cached_run(args, out / "runs" / f"feddf-float32-{COST_CONFIG}", code_fingerprint())
+    f16 = runs["feddf"]
     data_out = {
-        "alpha": alpha,
+        "config": COST_CONFIG,
+        "fedmd_config": fedmd_config,
         "bytes": per_strategy,
         "logits_float16": {
             "mean_accuracy": round(mean_final(f16), 4),
@@ -652,10 +601,15 @@ def main() -> None:
     )
     parser.add_argument("--mode", choices=sorted(MODES), default="quick")
     parser.add_argument(
-        "--sections", default="accuracy,aggregation,pretrain,communication,serverless,soak,scale"
+        "--sections", default="evidence,communication,aggregation,pretrain,serverless,soak,scale"
     )
+    parser.add_argument("--seeds", type=int, help="seeds per configuration (default: the mode's)")
+    parser.add_argument("--rounds", type=int, help="rounds per run (default: the mode's)")
     args = parser.parse_args()
-    mode = MODES[args.mode]
+    mode = dict(MODES[args.mode])
+    for key in ("seeds", "rounds"):  # smaller smoke runs of a mode
+        if getattr(args, key):
+            mode[key] = getattr(args, key)
     out = ROOT / "benchmarks" / "results" / args.mode
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("FLWR_KD_CACHE", str(out / ".cache"))
@@ -667,24 +621,24 @@ def main() -> None:
         "mode": args.mode,
         "cores": CORES,
     }
-    if "accuracy" in sections:
-        acc = accuracy_section(mode, out)
-        table = acc["table"]
-        low, mid = str(mode["alphas"][0]), str(mode["alphas"][len(mode["alphas"]) // 2])
-        summary[f"feddf_minus_fedavg_alpha{mode['alphas'][0]}"] = round(
-            table[low]["mean"]["feddf"] - table[low]["mean"]["fedavg"], 4
+    if "evidence" in sections:
+        from evidence import COST_CONFIG, evidence_section, study_memory, study_result
+
+        for key in OBSOLETE_KEYS:
+            summary.pop(key, None)
+        summary.update(evidence_section(mode, out))
+        timing = timing_section(
+            study_result(out, COST_CONFIG, "feddf"), f"{COST_CONFIG}/feddf seed 0", out
         )
-        summary["fedmd_minus_local_only"] = round(
-            table[mid]["mean"]["fedmd"] - table[mid]["mean"]["local_only"], 4
-        )
-        summary["framework_overhead"] = timing_section(acc, mode, out)["framework_overhead"]
-        summary["peak_memory_mib"] = acc["memory"].get("peak_total_mib")
-        if "communication" in sections:
-            communication_section(acc, mode, out)
+        summary["framework_overhead"] = timing["framework_overhead"]
+        summary["peak_memory_mib"] = study_memory(out).get("peak_total_mib")
+    if "communication" in sections:
+        communication_section(mode, out)
     if "aggregation" in sections:
         agg = aggregation_section(mode, out)
         summary["aggregation_speedup_client_logits"] = agg["aggregation_speedup_client_logits"]
         summary["fanout_speedup"] = agg["fanout_speedup"]
+        summary.update({k: v for k, v in agg.items() if k.startswith("aggregation_speedup_n")})
     if "pretrain" in sections:
         summary["pretrain_speedup"] = pretrain_section(mode, out)["pretrain_speedup"]
     if "serverless" in sections:
@@ -702,7 +656,7 @@ def main() -> None:
             summary[key] = scale[key]
     summary[
         "seconds"
-        if set(sections) >= {"accuracy", "aggregation", "pretrain"}
+        if set(sections) >= {"evidence", "aggregation", "pretrain"}
         else f"seconds_{'_'.join(sections)}"
     ] = round(time.perf_counter() - t0, 1)
     save(out, "summary", summary)
