@@ -439,8 +439,12 @@ def _assert_two_architecture_result(result, strategy, grid, initial, seen):
         assert sorted(stats.distill) == sorted(ARCHS)
         for info in stats.distill.values():
             assert info["steps"] == 5
-            assert 0 <= info["best_step"] <= 5
-            assert 0.0 <= info["val_accuracy_before"] <= info["val_accuracy_after"] <= 1.0
+            # the default guard keeps all 5 steps, or refuses them and hands back the start
+            assert info["best_step"] in (0, 5)
+            if info["best_step"] == 0:
+                assert info["val_accuracy_after"] == info["val_accuracy_before"]
+            assert 0.0 <= min(info["val_accuracy_before"], info["val_accuracy_after"]) <= 1.0
+            assert info["validation_seconds"] >= 0
         client_eval = result.evaluate_metrics_clientapp[r]
         for arch in ARCHS:
             assert 0.0 <= client_eval[f"accuracy/{arch}"] <= 1.0
