@@ -34,7 +34,18 @@ def study(paper_regime_flags: list[str], early_stopping: bool = True) -> dict:
     """The seeded accuracy study (benchmarks/evidence.py): per configuration, the flags that
     set its data (after the mode's own), its methods as [strategy, *flags], and the paired
     comparisons that make headline keys, as {key: [method a, method b]} (a - b per seed)."""
+    # FedMD first: its runs are the cheapest per seed to learn from when a study is cut short
     configs = {
+        "same_distribution": {  # FedMD with its public set cut from the private task's pool
+            "flags": ["--partitioner", "dirichlet", "--alpha", "0.5"],
+            "methods": {"fedmd": ["fedmd"]},
+            "paired": {"fedmd_minus_transfer_only_same_distribution": ["fedmd", "transfer_only"]},
+        },
+        "paper_regime": {  # FedMD's own: public data from another task, small private data
+            "flags": paper_regime_flags,
+            "methods": {"fedmd": ["fedmd"]},
+            "paired": {"fedmd_minus_transfer_only_paper_regime": ["fedmd", "transfer_only"]},
+        },
         "alpha0.1": {
             "flags": ["--partitioner", "dirichlet", "--alpha", "0.1"],
             "methods": {
@@ -53,16 +64,6 @@ def study(paper_regime_flags: list[str], early_stopping: bool = True) -> dict:
             "flags": ["--partitioner", "shard", "-c", "shards-per-client=2"],
             "methods": {"feddf": ["feddf"], "fedavg": ["fedavg"]},
             "paired": {"feddf_minus_fedavg_shards": ["feddf", "fedavg"]},
-        },
-        "same_distribution": {  # FedMD with its public set cut from the private task's pool
-            "flags": ["--partitioner", "dirichlet", "--alpha", "0.5"],
-            "methods": {"fedmd": ["fedmd"]},
-            "paired": {"fedmd_minus_transfer_only_same_distribution": ["fedmd", "transfer_only"]},
-        },
-        "paper_regime": {  # FedMD's own: public data from another task, small private data
-            "flags": paper_regime_flags,
-            "methods": {"fedmd": ["fedmd"]},
-            "paired": {"fedmd_minus_transfer_only_paper_regime": ["fedmd", "transfer_only"]},
         },
     }
     if not early_stopping:
