@@ -89,6 +89,11 @@ class DataSpec:
                 f"(classes >= K of '{self.dataset}' form the public task), got "
                 f"{self.public_classes_from}"
             )
+        if self.public_classes_from and self.dataset not in DATASETS:
+            raise DataError(
+                f"public_classes_from splits an embedded dataset ({', '.join(DATASETS)}) by "
+                f"task; '{self.dataset}' is not one: give it a public_dataset instead"
+            )
         if self.public_dataset == self.dataset:
             raise DataError(
                 f"public dataset '{self.public_dataset}' is the private dataset: leave it empty "
@@ -130,8 +135,9 @@ class SplitPositions:
 
 def split_positions(spec: DataSpec, pool_size: int, test_size: int | None) -> SplitPositions:
     """Shuffle the labelled pool with `spec.seed` and cut it: test (only when the dataset ships
-    none, `test_size` None), public (none when `spec.public_dataset` names another task),
-    validation, then the private rest; apply the caps."""
+    none, `test_size` None), public (none when the public set is another task's:
+    `public_dataset` or `public_classes_from`), validation, then the private rest; apply the
+    caps."""
     order = np.random.default_rng(spec.seed).permutation(pool_size)
     cut = 0
     if test_size is None:

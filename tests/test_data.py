@@ -222,6 +222,10 @@ def test_partitioner_that_cannot_split_is_a_data_error():
             {"public_classes_from": 5, "dataset": "fashion-mnist", "public_dataset": "digits"},
             "without public_dataset",
         ),
+        (
+            {"public_classes_from": 5, "dataset": "hf:some/dataset"},
+            "public_classes_from splits an embedded dataset",
+        ),
     ],
 )
 def test_data_spec_rejects_bad_values(kwargs, match):
