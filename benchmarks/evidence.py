@@ -17,13 +17,15 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import ROOT, flwr_kd, mean_final, save
+from run import CORES, ROOT, flwr_kd, mean_final, save
 from stats import paired, slope, summarize
 
 #: The configuration whose feddf/fedavg/fedmd runs (seed 0) the cost figures, the timing and
@@ -75,17 +77,24 @@ def _stored(run_out: Path, key: dict) -> dict | None:
     return stored if stored.get("key") == key else None
 
 
-def cached_run(args: list[str], run_out: Path, code: str, memory: bool = False) -> tuple:
-    """(result.json, reused) of `flwr-kd args`, run unless `run_out` holds it already; the
-    measured memory peaks, if asked for, go to memory.json beside it."""
-    key = {"args": args, "code": code}
+def cached_run(
+    args: list[str],
+    run_out: Path,
+    code: str,
+    memory: bool = False,
+    engine: str = "ray",
+    threads: int = 0,
+) -> tuple:
+    """(result.json, reused) of `flwr-kd args` on `engine`, run unless `run_out` holds it
+    already; the measured memory peaks, if asked for, go to memory.json beside it."""
+    key = {"args": args, "code": code, **({"engine": engine} if engine != "ray" else {})}
     stored = _stored(run_out, key)
     if stored is not None:
         result = json.loads((run_out / "result.json").read_text())
         result["wall_seconds"] = stored.get("wall_seconds")
         return result, True
     (run_out / "args.json").unlink(missing_ok=True)
-    result, mem = flwr_kd(args, run_out, memory=memory)
+    result, mem = flwr_kd(args, run_out, memory=memory, engine=engine, threads=threads)
     if mem:
         (run_out / "memory.json").write_text(json.dumps(mem, indent=2))
     marker = {"key": key, "wall_seconds": result["wall_seconds"]}
@@ -110,13 +119,16 @@ class Progress:
 
     def __init__(self, total: int) -> None:
         self.total, self.done, self.t0 = total, 0, time.perf_counter()
+        self.lock = threading.Lock()  # runs finish side by side with --workers
 
     def line(self, what: str, final_mean: float, seconds: float | None, reused: bool) -> None:
-        self.done += 1
+        with self.lock:
+            self.done += 1
+            done = self.done
         took = "reused" if reused else f"{seconds:.0f} s"
         elapsed = (time.perf_counter() - self.t0) / 60
         print(
-            f"[{self.done}/{self.total}] {what}: final mean {final_mean:.4f} ({took}); "
+            f"[{done}/{self.total}] {what}: final mean {final_mean:.4f} ({took}); "
             f"total {elapsed:.1f} min",
             flush=True,
         )
@@ -256,24 +268,34 @@ def evidence_section(mode: dict, out: Path) -> dict:
     seeds = list(range(mode["seeds"]))
     code = code_fingerprint()
     study = mode["study"]
-    progress = Progress(len(seeds) * sum(len(c["methods"]) for c in study.values()))
-    results: dict = {}
     # seed by seed: an interrupted study (resumed from the stored runs) has whole seeds
-    for seed in seeds:
-        for name, config in study.items():
-            for method in config["methods"]:
-                measure = (name, method, seed) == (COST_CONFIG, "feddf", 0)
-                args = study_args(mode, name, method, seed)
-                result, reused = cached_run(
-                    args, run_dir(out, name, method, seed), code, memory=measure
-                )
-                results[name, method, seed] = result
-                progress.line(
-                    f"{name}/{method} seed {seed}",
-                    mean_final(result),
-                    result.get("wall_seconds"),
-                    reused,
-                )
+    runs = [
+        (name, method, seed)
+        for seed in seeds
+        for name in study
+        for method in study[name]["methods"]
+    ]
+    progress = Progress(len(runs))
+    engine, workers = mode.get("engine", "ray"), mode.get("workers", 1)
+    threads = max(1, CORES // workers) if workers > 1 else 0
+
+    def one(run: tuple[str, str, int]) -> dict:
+        name, method, seed = run
+        result, reused = cached_run(
+            study_args(mode, name, method, seed),
+            run_dir(out, name, method, seed),
+            code,
+            memory=run == (COST_CONFIG, "feddf", 0),
+            engine=engine,
+            threads=threads,
+        )
+        progress.line(
+            f"{name}/{method} seed {seed}", mean_final(result), result.get("wall_seconds"), reused
+        )
+        return result
+
+    with ThreadPoolExecutor(workers) as pool:  # each run is a subprocess: threads only wait
+        results = dict(zip(runs, pool.map(one, runs)))
     centralized = centralized_bounds(mode, seeds, out, code)
     evidence = build_evidence(mode, seeds, results, centralized)
     evidence["memory"] = {"run": f"{COST_CONFIG}/feddf seed 0", **study_memory(out)}

@@ -110,16 +110,20 @@ MODES = {
         "seeds": 3,
         "rounds": 5,
         "archs": "resnet10t,mobilenetv3_small_050,test_vit",
+        # Where distillation pays (paired lab sweep, 3 seeds, docs/evidence-lab.md): clients
+        # train flwr-kd's default 5 local epochs, FedDF distils 200 steps, FedMD digests 3
+        # epochs. At 2 local epochs, 60 steps and 1 digest epoch every method stayed near its
+        # start and the differences were noise, or negative.
         "extra": _c(
             "max-private=1500",
             "max-test=1000",
-            "local-epochs=2",
-            "distill-steps=60",
+            "local-epochs=5",
+            "distill-steps=200",
             "subset-size=500",
             "public-fraction=0.05",
             "pretrain-epochs=2",
             "finetune-epochs=5",
-            "digest-epochs=1",
+            "digest-epochs=3",
         ),
         # FedMD's paper regime: Fashion-MNIST classes 5-9 are the public task (10% of them),
         # classes 0-4 the private one, 60 samples per client on average
@@ -196,15 +200,26 @@ class MemorySampler:
         }
 
 
-def flwr_kd(args: list[str], out: Path, memory: bool = False) -> tuple[dict, dict]:
-    """Run `flwr-kd ...` in a subprocess (Ray starts and stops cleanly each time); returns
-    (result.json, memory peaks)."""
+#: How a run's clients are executed: `flwr-kd simulate` on Ray, or the same arguments on an
+#: in-process grid without Ray's start-up (benchmarks/inprocess.py).
+ENGINES = {
+    "ray": ["-m", "flwr_kd.cli"],
+    "inprocess": [str(ROOT / "benchmarks" / "inprocess.py")],
+}
+
+
+def flwr_kd(
+    args: list[str], out: Path, memory: bool = False, engine: str = "ray", threads: int = 0
+) -> tuple[dict, dict]:
+    """Run `flwr-kd ...` in a subprocess (Ray starts and stops cleanly each time) on `engine`,
+    with `threads` torch threads (0: torch's default); returns (result.json, memory peaks)."""
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "flwr_kd.cli", *args, "--out", str(out)]
-    print("$", " ".join(cmd[2:]), flush=True)
+    cmd = [sys.executable, *ENGINES[engine], *args, "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
+    print("$", " ".join(args), f"({engine})", flush=True)
     t0 = time.perf_counter()
     with open(out / "log.txt", "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
         sampler = MemorySampler(proc.pid) if memory else None
         rc = proc.wait()
         mem = sampler.stop() if sampler else {}
@@ -606,11 +621,25 @@ def main() -> None:
     )
     parser.add_argument("--seeds", type=int, help="seeds per configuration (default: the mode's)")
     parser.add_argument("--rounds", type=int, help="rounds per run (default: the mode's)")
+    parser.add_argument(
+        "--engine",
+        choices=sorted(ENGINES),
+        default="ray",
+        help="the study's runs on Ray (as users run them) or in-process (no Ray start-up)",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=1, help="study runs side by side (cores or a GPU to spare)"
+    )
+    parser.add_argument("--device", help="the study runs' --device (default: flwr-kd's auto)")
     args = parser.parse_args()
-    mode = dict(MODES[args.mode])
+    if args.workers < 1 or (args.workers > 1 and args.engine != "inprocess"):
+        parser.error("--workers N > 1 needs --engine inprocess (Ray runs take every core)")
+    mode = dict(MODES[args.mode], engine=args.engine, workers=args.workers)
     for key in ("seeds", "rounds"):  # smaller smoke runs of a mode
         if getattr(args, key):
             mode[key] = getattr(args, key)
+    if args.device:
+        mode["extra"] = [*mode["extra"], "--device", args.device]
     out = ROOT / "benchmarks" / "results" / args.mode
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("FLWR_KD_CACHE", str(out / ".cache"))
