@@ -135,6 +135,8 @@ def build_fedmd(
         measure_pretrain_per_client=cfg.measure_pretrain_per_client,
         seed=cfg.seed,
         consensus_classes=data.task_classes,
+        # the public set is another task's when the head has outputs beyond the private task
+        center_consensus=data.task_classes < data.model_spec.num_classes,
         **digest,
         **private_training,
         **_public_data(cfg, data, fanout),

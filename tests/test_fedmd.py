@@ -32,6 +32,7 @@ from flwr_kd.pretrain import (
     transfer_learning,
 )
 from flwr_kd.records import pack_models, record_to_state
+from flwr_kd.registry import STRATEGY_REGISTRY
 from flwr_kd.state import LocalStateStore
 from flwr_kd.strategy import FedMD, FedMDError
 from flwr_kd.training import predict_logits
@@ -237,6 +238,39 @@ def test_consensus_is_the_float32_mean_of_the_replies_logits(tmp_path):
         np.testing.assert_array_equal(
             reply.content[protocol.LOGITS]["indices"].numpy(), strategy.subset(2)
         )
+
+
+def test_a_public_set_of_another_task_gets_a_centred_consensus_of_the_private_outputs(tmp_path):
+    n, task = 4, 3
+    data, grid, strategy, config = _federation(
+        tmp_path, n, consensus_classes=task, center_consensus=True
+    )
+    consensus = strategy.init_phase(grid, _initial(data.model_spec), config, timeout=60)
+    mean = average_logits([_logits(m) for m in grid.replies_of(protocol.FEDMD_ROUND)])[:, :task]
+    got = consensus["logits"].numpy()
+    assert got.shape == (SUBSET, task)
+    np.testing.assert_allclose(got, mean - mean.mean(axis=0), atol=1e-5)
+    np.testing.assert_allclose(got.mean(axis=0), np.zeros(task), atol=1e-5)  # no class favoured
+    assert np.ptp(got, axis=0).min() > 0  # how the samples differ is kept
+
+
+@pytest.mark.parametrize(("public_classes_from", "centred"), [(0, False), (6, True)])
+def test_the_consensus_is_centred_exactly_when_the_public_set_is_another_tasks(
+    tmp_path, public_classes_from, centred
+):
+    cfg = ExperimentConfig.from_run_config(
+        {
+            "strategy": "fedmd",
+            "dataset": "digits",
+            "num-clients": 2,
+            "alpha": 0.5,
+            "public-classes-from": public_classes_from,
+        }
+    )
+    data = load_federated(cfg.data_spec)
+    strategy = STRATEGY_REGISTRY["fedmd"].build(cfg, data, SerialFanOut(), str(tmp_path))
+    assert strategy.center_consensus is centred
+    assert strategy.consensus_classes == (public_classes_from or 10)
 
 
 # ---------------------------------------------------------------------------- the client round

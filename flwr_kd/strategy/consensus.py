@@ -56,11 +56,16 @@ def check_logits_reply(
     return LogitsReply(arch, logits, metrics, msg.metadata.src_node_id)
 
 
-def average(subset: np.ndarray, valid: list[LogitsReply], classes: int = 0) -> ArrayRecord:
+def average(
+    subset: np.ndarray, valid: list[LogitsReply], classes: int = 0, center: bool = False
+) -> ArrayRecord:
     """The averaged logits on public `subset`, with its indices: what the next round digests.
-    `classes` > 0 keeps the leading outputs only (the private task's, see `FedMD`)."""
+    `classes` > 0 keeps the leading outputs only (the private task's, see `FedMD`); `center`
+    subtracts each class's mean over the subset, keeping only how the samples differ."""
     consensus = average_logits([r.logits for r in valid])
     consensus = consensus[:, :classes] if classes else consensus
+    if center:
+        consensus = consensus - consensus.mean(axis=0, keepdims=True)
     return ArrayRecord({"indices": Array(subset), "logits": Array(consensus)})
 
 

@@ -102,6 +102,12 @@ class FedMD(KDStrategy):
     consensus_classes : int (default: 0)
         The leading outputs the consensus covers (0: all): the private task's classes when the
         public set is another task's, whose own outputs, digested, pull private images to it.
+    center_consensus : bool (default: False)
+        Subtract each class's mean over the round's subset from the consensus. For a public set
+        of another task: the ensemble's average leaning among the private classes on those
+        images says nothing about private images, yet digested for epochs it taught every
+        model to answer one class (docs/evidence-lab.md). What is left is how the public
+        samples differ, which is what the collaboration shares.
     logits_dtype : str (default: "float16")
         Dtype of the clients' logits on the wire: "float16" or "float32".
     fanout : FanOut, optional (default: None)
@@ -140,6 +146,7 @@ class FedMD(KDStrategy):
         min_replies: int = 2,
         min_available_nodes: int = 2,
         consensus_classes: int = 0,
+        center_consensus: bool = False,
         logits_dtype: str = FedMDRoundConfig.logits_dtype,
         fanout: FanOut | None = None,
         measure_pretrain_per_client: bool = False,
@@ -172,6 +179,7 @@ class FedMD(KDStrategy):
         self.pretrain, self.cache_dir = pretrain or PretrainConfig(seed=seed), cache_dir
         self.min_replies = min_replies
         self.consensus_classes = consensus_classes
+        self.center_consensus = center_consensus
         self.nodes = ArchitectureRegistry(min_available_nodes)
         self.use_fanout(fanout)
         self.device = DeviceConfig.of(device)
@@ -284,7 +292,9 @@ class FedMD(KDStrategy):
         )
         stats.client_compute = [consensus.compute_seconds(r) for r in valid]
         require_replies(server_round, len(valid), self.min_replies, stats, FedMDError)
-        record = consensus.average(self.subset(server_round + 1), valid, self.consensus_classes)
+        record = consensus.average(
+            self.subset(server_round + 1), valid, self.consensus_classes, self.center_consensus
+        )
         accuracy = self.accuracy[server_round] = consensus.mean_accuracy(valid)
         return record, consensus.round_metrics(server_round, valid, stats, accuracy)
 
