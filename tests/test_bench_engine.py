@@ -1,22 +1,11 @@
 """The study's in-process engine (benchmarks/inprocess.py): `flwr-kd simulate`'s arguments run
 without Ray, stored with their engine so that a Ray run is never answered by an in-process one."""
 
-import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _load(name: str):
-    """A module of benchmarks/ (a folder of scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+from benchmark_modules import BENCHMARKS, load_benchmark
 
 SIMULATE = [
     *("simulate", "--strategy", "fedavg", "--dataset", "digits", "--clients", "2"),
@@ -26,7 +15,7 @@ SIMULATE = [
 
 
 def test_inprocess_run_is_stored_with_its_engine_and_reused(tmp_path):
-    evidence = _load("evidence")
+    evidence = load_benchmark("evidence")
     run_out = tmp_path / "run"
     result, reused = evidence.cached_run(SIMULATE, run_out, "code", engine="inprocess", threads=1)
     assert not reused

@@ -1,24 +1,12 @@
 """benchmarks/stats.py against hand-computed values: the arithmetic behind `make bench`'s
 headlines (mean +- std over seeds, paired differences with a 95% interval, curve slopes)."""
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
+from benchmark_modules import load_benchmark
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _load(name: str):
-    """A module of benchmarks/ (a folder of scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-stats = _load("stats")
+stats = load_benchmark("stats")
 
 
 def test_summarize_uses_the_sample_std():
@@ -81,7 +69,7 @@ def _result(final: dict, *, transfer_only: dict | None = None, down: int = 1000)
 
 
 def test_the_study_pairs_methods_per_seed_into_the_headline_keys(tmp_path):
-    evidence = _load("evidence")
+    evidence = load_benchmark("evidence")
     mode = {
         "dataset": "digits",
         "clients": 2,
@@ -144,6 +132,6 @@ def test_the_study_pairs_methods_per_seed_into_the_headline_keys(tmp_path):
     assert "--seed S" in feddf["command"]
     evidence.plot_evidence(ev, tmp_path / "evidence.png")
     assert (tmp_path / "evidence.png").stat().st_size > 0
-    text = "\n".join(_load("report").evidence_lines("quick", ev))
+    text = "\n".join(load_benchmark("report").evidence_lines("quick", ev))
     assert "| `feddf_minus_fedavg_alpha0.1` (alpha0.1: A = feddf, B = fedavg) | 2 |" in text
     assert "+0.0750 | [" in text
