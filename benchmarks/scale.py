@@ -8,8 +8,8 @@ each) and run the same FedAvg rounds of 10 clients, side by side in this process
 
 - `scale_round_time_ratio_1000_vs_10`: the median round time after round 1 (round 1 starts
   Ray's actors and loads their data; the median, since this machine's cores are shared). Each
-  round of the 1,000-client run also asks its newly sampled nodes for their architecture, once
-  per node, which the 10-client run did in round 1;
+  round of the 1,000-client run also asks the next round's newly sampled nodes for their
+  architecture, while its clients train, which the 10-client run did once in round 1;
 - `scale_peak_memory_ratio_1000_vs_10`: the peak resident memory of the whole process tree
   (`flwr-kd`, Flower's SuperLink and simulation process, Ray and its actors), sampled with
   psutil over the children of `flwr-kd`, recursively;

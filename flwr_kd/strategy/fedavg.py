@@ -115,9 +115,8 @@ class HeteroFedAvg(KDStrategy):
     ) -> dict[int, str]:
         """Sample, then describe only the sampled nodes not seen yet (a round costs what its
         participants cost); one without a global model's architecture is replaced."""
-        rng = random.Random(self.seed * 100003 + round_)
-        pool = self.nodes.having(sorted(self.nodes.connected(grid)), self._global)
-        size = min(len(pool), max(int(len(pool) * fraction), minimum))
+        self.nodes.collect(grid)  # answers to `_describe_next_sample`'s queries
+        rng, pool, size = self._draw(grid, fraction, minimum, round_)
         chosen: list[int] = []
         while len(chosen) < size and pool:
             picked = rng.sample(pool, min(size - len(chosen), len(pool)))
@@ -125,6 +124,23 @@ class HeteroFedAvg(KDStrategy):
             chosen += self.nodes.having(picked, self._global, described=True)
             pool = sorted(set(pool) - set(picked))
         return {n: self.node_arch[n] for n in sorted(chosen)}
+
+    def _draw(
+        self, grid: Grid, fraction: float, minimum: int, round_: int
+    ) -> tuple[random.Random, list[int], int]:
+        """The round's generator, the pool to draw from and the sample's size."""
+        pool = self.nodes.having(sorted(self.nodes.connected(grid)), self._global)
+        size = min(len(pool), max(int(len(pool) * fraction), minimum))
+        return random.Random(self.seed * 100003 + round_), pool, size
+
+    def _describe_next_sample(self, grid: Grid, config: ConfigRecord, server_round: int) -> None:
+        """Ask the nodes that the next round will draw (if the pool stays the same) for their
+        architecture now, while this round's clients train; `_sample` takes the answers."""
+        rng, pool, size = self._draw(
+            grid, self.fraction_train, self.min_train_nodes, server_round + 1
+        )
+        if size < len(pool):  # a full draw has every node described by the first round
+            self.nodes.prefetch(grid, config, rng.sample(pool, size))
 
     def _message(
         self,
@@ -173,6 +189,7 @@ class HeteroFedAvg(KDStrategy):
             messages.append(msg)
         log(INFO, "configure_train: %d nodes (%s)", len(nodes), count_by_value(nodes.values()))
         stats.seconds["configure"] = time.perf_counter() - t0
+        self._describe_next_sample(grid, config, server_round)
         self._sent_at = time.perf_counter()
         return messages
 
