@@ -357,6 +357,70 @@ def aggregation_section(mode: dict, out: Path) -> dict:
     return data_out
 
 
+def client_round_section(mode: dict, out: Path, repeats: int = 3) -> dict:
+    """A FedDF client's round against a FedAvg client's, side by side: every client of the
+    study's cost configuration (seed 0's split) trains its local epochs from its architecture's
+    initial weights, then computes its logits on the round's public subset, `repeats` times.
+    FedAvg's round is the training; FedDF's is the training and the logits (decoding the
+    subset's indices and packing float16 cost microseconds), as the train handler runs them, on
+    one thread. The ratio of the round's summed medians, and per architecture."""
+    import torch
+    from evidence import COST_CONFIG, study_args
+    from flwr.app import ConfigRecord, Context, RecordDict
+
+    from flwr_kd.cli import _parser, config_from_args
+    from flwr_kd.client.handlers import train_private
+    from flwr_kd.client.node import load_split_partition
+    from flwr_kd.models import create_model, load_numpy_state, state_to_numpy
+    from flwr_kd.strategy.base import public_subset
+    from flwr_kd.training import predict_logits
+
+    torch.set_num_threads(1)
+    cfg = config_from_args(_parser().parse_args(study_args(mode, COST_CONFIG, "feddf", 0)))
+    settings, device, spec = cfg.train_config, cfg.device_config, cfg.data_spec.to_config()
+    per_arch: dict[str, dict] = {}
+    samples = 0
+    for partition in range(cfg.num_clients):
+        context = Context(1, partition, {"partition-id": partition}, RecordDict(), {})
+        data = load_split_partition(context, ConfigRecord(dict(spec)))
+        subset = data.public_x[public_subset(len(data.public_x), cfg.subset_size, cfg.seed, 1)]
+        arch, samples = cfg.arch_of_partition(partition), samples + len(data.train_x)
+        start = state_to_numpy(create_model(arch, data.model_spec))
+        train_s, logits_s = [], []
+        for r in range(repeats):
+            model = create_model(arch, data.model_spec)
+            load_numpy_state(model, start)
+            t0 = time.perf_counter()
+            train_private(model, data, settings.local_epochs, settings, r, device)
+            t1 = time.perf_counter()
+            predict_logits(model, subset, device)
+            train_s.append(t1 - t0)
+            logits_s.append(time.perf_counter() - t1)
+        arch_sums = per_arch.setdefault(arch, {"train_seconds": 0.0, "logits_seconds": 0.0})
+        arch_sums["train_seconds"] += float(np.median(train_s))
+        arch_sums["logits_seconds"] += float(np.median(logits_s))
+    for arch_sums in per_arch.values():
+        train, logits = arch_sums["train_seconds"], arch_sums["logits_seconds"]
+        arch_sums.update(
+            train_seconds=round(train, 3),
+            logits_seconds=round(logits, 3),
+            feddf_over_fedavg=round((train + logits) / train, 4),
+        )
+    train = sum(a["train_seconds"] for a in per_arch.values())
+    logits = sum(a["logits_seconds"] for a in per_arch.values())
+    result = {
+        "config": f"{COST_CONFIG}, seed 0: {cfg.num_clients} clients, {samples} training "
+        f"samples in all, {settings.local_epochs} local epochs at batch {settings.batch_size}, "
+        f"logits on a subset of {len(subset)}",
+        "repeats": repeats,
+        "per_arch": per_arch,
+        "feddf_client_round_over_fedavg": round((train + logits) / train, 4),
+    }
+    print(f"client round: {result}", flush=True)
+    save(out, "client_round", result)
+    return result
+
+
 def pretrain_section(mode: dict, out: Path) -> dict:
     """FedMD transfer learning once per unique architecture (parallel) vs once per client."""
     from flwr_kd.data import DataSpec, load_federated
@@ -617,7 +681,8 @@ def main() -> None:
     )
     parser.add_argument("--mode", choices=sorted(MODES), default="quick")
     parser.add_argument(
-        "--sections", default="evidence,communication,aggregation,pretrain,serverless,soak,scale"
+        "--sections",
+        default="evidence,client_round,communication,aggregation,pretrain,serverless,soak,scale",
     )
     parser.add_argument("--seeds", type=int, help="seeds per configuration (default: the mode's)")
     parser.add_argument("--rounds", type=int, help="rounds per run (default: the mode's)")
@@ -662,6 +727,9 @@ def main() -> None:
         )
         summary["framework_overhead"] = timing["framework_overhead"]
         summary["peak_memory_mib"] = study_memory(out).get("peak_total_mib")
+    if "client_round" in sections:  # after the study: its figure from the runs is noisier
+        client = client_round_section(mode, out)
+        summary["feddf_client_round_over_fedavg"] = client["feddf_client_round_over_fedavg"]
     if "communication" in sections:
         communication_section(mode, out)
     if "aggregation" in sections:

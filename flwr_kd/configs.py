@@ -155,6 +155,11 @@ class DistillConfig(FlatConfig):
     keep the best); "last" is plain FedDF (fixed steps, no validation). With validation sets
     of tens to hundreds of samples, "best" picks noise: it hands back the FedAvg model more
     often than it should and validates more than it distils (see benchmarks/REPORT.md).
+
+    `center_teacher` subtracts each class's mean over the subset from the teacher's logits
+    (`flwr_kd.distill.center_per_class`). Under label skew every client pushes the logits of
+    classes it never saw far down, by different amounts, and the plain average inherits those
+    leanings: its argmax favours a few classes (docs/evidence-lab.md).
     """
 
     PREFIX: ClassVar[str] = "distill-"
@@ -166,6 +171,7 @@ class DistillConfig(FlatConfig):
     selection: str = "guard"
     eval_every: int = 10  # selection "best" only
     patience: int = 50  # selection "best": steps without a validation improvement before stopping
+    center_teacher: bool = False
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,13 @@ def average_logits(logits: list[np.ndarray], weights: list[float] | None = None)
     return np.tensordot(w / w.sum(), stacked, axes=1).astype(np.float32)
 
 
+def center_per_class(logits: np.ndarray) -> np.ndarray:
+    """`logits` (samples x classes) less each class's mean over the samples: how the samples
+    differ stays, a class's constant lean across all of them goes."""
+    logits = np.asarray(logits, np.float32)
+    return logits - logits.mean(axis=0, keepdims=True)
+
+
 #: One-sided z of the guard's test (5%): distillation's result is refused only when it got
 #: significantly more validation samples wrong than the starting model.
 GUARD_Z = 1.645
@@ -108,6 +115,8 @@ def distill(
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, config.steps))
     update = on.stepper(opt)
+    if config.center_teacher:
+        teacher_logits = center_per_class(teacher_logits)
     xt, tt = torch.from_numpy(x), torch.from_numpy(np.asarray(teacher_logits, np.float32))
     validate = _Validator(model, val_x, val_y, device)
     validating = config.selection != "last" and len(val_x) > 0

@@ -64,6 +64,7 @@ class ExperimentConfig:
     distill_selection: str = DistillConfig.selection  # "guard", "best" (early stopping), "last"
     distill_eval_every: int = DistillConfig.eval_every
     distill_patience: int = DistillConfig.patience
+    distill_center_teacher: bool = DistillConfig.center_teacher
     temperature: float = DistillConfig.temperature
     subset_size: int = 0  # public samples per round; 0 means all
     teacher: str = "clients"
@@ -186,6 +187,7 @@ class ExperimentConfig:
             selection=self.distill_selection,
             eval_every=self.distill_eval_every,
             patience=self.distill_patience,
+            center_teacher=self.distill_center_teacher,
         )
 
     def client_config(self) -> dict:

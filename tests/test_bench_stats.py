@@ -122,7 +122,7 @@ def test_the_study_pairs_methods_per_seed_into_the_headline_keys(tmp_path):
     assert s["fedmd_minus_transfer_only_paper_regime_min"] == 0.05
     # down bytes per reply: feddf 1000 (both seeds), fedavg 1000 and 800
     assert s["feddf_bytes_down_over_fedavg"] == round(1000 / 900, 4)
-    assert s["feddf_client_round_over_fedavg"] == 1.0
+    assert s["feddf_client_compute_over_fedavg_in_study"] == 1.0
     assert s["distill_validation_share"] == 0.1  # feddf runs only: 2 x 1 s of 2 x 10 s
     assert s["slope_last3_max"] == 0.1  # every curve rises 0.1 in its one step
     assert ev["configs"]["alpha0.1"]["centralized"] == "alpha0.1"

@@ -8,7 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from flwr_kd.distill import DistillConfig, average_logits, distill, kd_loss, regressed
+from flwr_kd.distill import (
+    DistillConfig,
+    average_logits,
+    center_per_class,
+    distill,
+    kd_loss,
+    regressed,
+)
 from flwr_kd.models import create_model
 from flwr_kd.training import evaluate, train_supervised
 
@@ -217,6 +224,33 @@ def test_guard_keeps_distillation_that_helps(digits):
     assert (report.steps_run, report.best_step) == (60, 60)
     assert report.best_val_accuracy > report.initial_val_accuracy + 0.3
     assert evaluate(model, digits.val_x, digits.val_y)[1] == pytest.approx(report.best_val_accuracy)
+
+
+def test_center_per_class_removes_each_class_lean_and_keeps_sample_differences():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(50, 4)).astype(np.float32)
+    centred = center_per_class(logits + np.array([9.0, -30.0, 0.0, 2.0], np.float32))
+    np.testing.assert_allclose(centred.mean(axis=0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(centred - centred[0], logits - logits[0], atol=1e-5)
+    assert center_per_class(logits.astype(np.float16)).dtype == np.float32  # the wire's dtype
+
+
+def test_a_centred_teacher_teaches_the_classes_a_leaning_one_hides(digits):
+    """A teacher whose every sample leans to class 0 (as an average of label-skewed clients
+    leans to the classes most of them hold) teaches class 0; centred per class, it teaches
+    the labels its samples differ by."""
+    labels = digits.public_y
+    leaning = _one_hot_logits(labels, 10, scale=5.0) + np.eye(10, dtype=np.float32)[0] * 8.0
+    assert (leaning.argmax(1) == 0).all()
+    accuracy = {}
+    for center in (False, True):
+        torch.manual_seed(0)
+        model = create_model("resnet10t", digits.model_spec)
+        config = DistillConfig(steps=60, batch_size=64, selection="last", center_teacher=center)
+        distill(model, digits.public_x, leaning, digits.val_x, digits.val_y, config, seed=0)
+        accuracy[center] = evaluate(model, digits.val_x, digits.val_y)[1]
+    assert accuracy[False] < 0.3
+    assert accuracy[True] > 0.6
 
 
 def test_regressed_is_a_one_sided_sign_test_on_disagreements():

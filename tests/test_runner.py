@@ -155,6 +155,18 @@ def test_the_server_validation_set_is_capped_to_a_share_of_the_private_pool():
             ExperimentConfig.from_run_config({"max-val-fraction": bad})
 
 
+@pytest.mark.parametrize("value, centred", [(True, True), ("true", True), ("false", False)])
+def test_distill_center_teacher_reaches_the_distillation_config(value, centred):
+    assert ExperimentConfig().distill_config.center_teacher is False  # the paper's teacher
+    cfg = ExperimentConfig.from_run_config({"distill-center-teacher": value})
+    assert cfg.distill_config.center_teacher is centred
+
+
+def test_a_bad_distill_center_teacher_is_refused_by_name():
+    with pytest.raises(ConfigError, match="distill-center-teacher"):
+        ExperimentConfig.from_run_config({"distill-center-teacher": "maybe"})
+
+
 def test_the_local_only_task_is_reproducible_whatever_torch_was_seeded_with():
     import torch
 

@@ -10,7 +10,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
 
 from flwr_kd import protocol
-from flwr_kd.distill import average_logits
+from flwr_kd.distill import average_logits, center_per_class
 from flwr_kd.publicset import CLIPPED_KEY
 from flwr_kd.strategy.replies import RoundStats, logits_problem, note_clipped
 
@@ -65,7 +65,7 @@ def average(
     consensus = average_logits([r.logits for r in valid])
     consensus = consensus[:, :classes] if classes else consensus
     if center:
-        consensus = consensus - consensus.mean(axis=0, keepdims=True)
+        consensus = center_per_class(consensus)
     return ArrayRecord({"indices": Array(subset), "logits": Array(consensus)})
 
 
