@@ -299,6 +299,7 @@ def evidence_section(mode: dict, out: Path) -> dict:
     centralized = centralized_bounds(mode, seeds, out, code)
     evidence = build_evidence(mode, seeds, results, centralized)
     evidence["memory"] = {"run": f"{COST_CONFIG}/feddf seed 0", **study_memory(out)}
+    evidence["runs"] = {"flwr_kd_fingerprint": code, "engine": engine}  # what they measured
     save(out, "evidence", evidence)
     plot_evidence(evidence, out / "evidence.png")
     return evidence["summary"]

@@ -143,6 +143,12 @@ def evidence_lines(mode: str, ev: dict) -> list[str]:
             f"`benchmarks/results/{mode}/runs/` are reused while their arguments and flwr_kd's "
             "source are unchanged. Each run's `flwr-kd simulate` command is listed under its "
             "configuration (S = the seed)."
+            + (
+                f" These runs: flwr_kd source fingerprint `{ev['runs']['flwr_kd_fingerprint']}` "
+                f"(`benchmarks/evidence.py: code_fingerprint`), {ev['runs']['engine']} engine."
+                if "runs" in ev
+                else ""
+            )
         ),
         "",
         "### Headlines",

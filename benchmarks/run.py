@@ -357,6 +357,27 @@ def aggregation_section(mode: dict, out: Path) -> dict:
     return data_out
 
 
+def study_clients(mode: dict, config: str, method: str = "feddf", seed: int = 0):
+    """The ExperimentConfig of one study run (benchmarks/evidence.py) and, per client,
+    (partition, architecture, ClientData): its split as the run's clients load it."""
+    from evidence import study_args
+    from flwr.app import ConfigRecord, Context, RecordDict
+
+    from flwr_kd.cli import _parser, config_from_args
+    from flwr_kd.client.node import load_split_partition
+
+    cfg = config_from_args(_parser().parse_args(study_args(mode, config, method, seed)))
+    spec = cfg.data_spec.to_config()
+
+    def clients():
+        for partition in range(cfg.num_clients):
+            context = Context(1, partition, {"partition-id": partition}, RecordDict(), {})
+            data = load_split_partition(context, ConfigRecord(dict(spec)))
+            yield partition, cfg.arch_of_partition(partition), data
+
+    return cfg, clients()
+
+
 def client_round_section(mode: dict, out: Path, repeats: int = 3) -> dict:
     """A FedDF client's round against a FedAvg client's, side by side: every client of the
     study's cost configuration (seed 0's split) trains its local epochs from its architecture's
@@ -365,26 +386,21 @@ def client_round_section(mode: dict, out: Path, repeats: int = 3) -> dict:
     subset's indices and packing float16 cost microseconds), as the train handler runs them, on
     one thread. The ratio of the round's summed medians, and per architecture."""
     import torch
-    from evidence import COST_CONFIG, study_args
-    from flwr.app import ConfigRecord, Context, RecordDict
+    from evidence import COST_CONFIG
 
-    from flwr_kd.cli import _parser, config_from_args
     from flwr_kd.client.handlers import train_private
-    from flwr_kd.client.node import load_split_partition
     from flwr_kd.models import create_model, load_numpy_state, state_to_numpy
     from flwr_kd.strategy.base import public_subset
     from flwr_kd.training import predict_logits
 
     torch.set_num_threads(1)
-    cfg = config_from_args(_parser().parse_args(study_args(mode, COST_CONFIG, "feddf", 0)))
-    settings, device, spec = cfg.train_config, cfg.device_config, cfg.data_spec.to_config()
+    cfg, clients = study_clients(mode, COST_CONFIG)
+    settings, device = cfg.train_config, cfg.device_config
     per_arch: dict[str, dict] = {}
     samples = 0
-    for partition in range(cfg.num_clients):
-        context = Context(1, partition, {"partition-id": partition}, RecordDict(), {})
-        data = load_split_partition(context, ConfigRecord(dict(spec)))
+    for _, arch, data in clients:
         subset = data.public_x[public_subset(len(data.public_x), cfg.subset_size, cfg.seed, 1)]
-        arch, samples = cfg.arch_of_partition(partition), samples + len(data.train_x)
+        samples += len(data.train_x)
         start = state_to_numpy(create_model(arch, data.model_spec))
         train_s, logits_s = [], []
         for r in range(repeats):

@@ -1,10 +1,13 @@
 """The study's in-process engine (benchmarks/inprocess.py): `flwr-kd simulate`'s arguments run
-without Ray, stored with their engine so that a Ray run is never answered by an in-process one."""
+without Ray, stored with their engine so that a Ray run is never answered by an in-process one;
+and the measurements beside the study: a client's round (run.py) and the teachers
+(teacher_accuracy.py)."""
 
 import json
 import subprocess
 import sys
 
+import numpy as np
 from benchmark_modules import BENCHMARKS, load_benchmark
 
 SIMULATE = [
@@ -41,3 +44,35 @@ def test_side_by_side_runs_need_the_inprocess_engine():
     )
     assert proc.returncode == 2
     assert "--workers N > 1 needs --engine inprocess" in proc.stderr
+
+
+def _tiny_mode(run) -> dict:
+    """Quick mode's study, at 2 clients of one small architecture and 1 local epoch."""
+    extra = [*run.MODES["quick"]["extra"], "-c", "local-epochs=1", "-c", "max-private=80"]
+    return dict(run.MODES["quick"], clients=2, archs="test_vit", extra=extra)
+
+
+def test_client_round_times_the_same_clients_training_with_and_without_logits(tmp_path):
+    run = load_benchmark("run")
+    result = run.client_round_section(_tiny_mode(run), tmp_path, repeats=1)
+    times = result["per_arch"]["test_vit"]
+    assert times["train_seconds"] > 0 and times["logits_seconds"] > 0
+    expected = (times["train_seconds"] + times["logits_seconds"]) / times["train_seconds"]
+    assert abs(result["feddf_client_round_over_fedavg"] - expected) < 1e-3
+    assert "2 clients" in result["config"] and "subset of 200" in result["config"]
+    assert json.loads((tmp_path / "client_round.json").read_text()) == result
+
+
+def test_teachers_centred_and_label_weighted_against_the_plain_average():
+    teacher_accuracy = load_benchmark("teacher_accuracy")
+    # two clients, two samples, three classes; client 1 never saw class 2 and pushes it down
+    logits = np.array(
+        [[[2.0, 0.0, 1.0], [0.0, 2.0, 1.5]], [[1.0, 0.0, -9.0], [0.0, 1.0, -8.0]]], np.float32
+    )
+    counts = np.array([[5, 5, 5], [5, 5, 0]], np.float32)
+    t = teacher_accuracy.teachers(logits, counts)
+    np.testing.assert_allclose(t["uniform"], logits.mean(axis=0))
+    np.testing.assert_allclose(t["centred"].mean(axis=0), 0.0, atol=1e-6)
+    # class 2 comes from client 0 alone; classes 0 and 1 from both, equally
+    np.testing.assert_allclose(t["label_weighted"][:, 2], logits[0, :, 2])
+    np.testing.assert_allclose(t["label_weighted"][:, :2], logits[:, :, :2].mean(axis=0))
