@@ -38,6 +38,7 @@ from run import ROOT, flwr_kd, save
 PER_CLIENT = 40  # private samples per client: 32 to train on, 8 held out
 PARTICIPANTS = 10  # clients per round, in both runs
 POPULATIONS = (10, 1000)
+ROUNDS = 10  # the median of 9 rounds after the first: a round is about a second here
 
 
 def scale_args(clients: int, rounds: int, strategy: str = "fedavg") -> list[str]:
@@ -91,7 +92,7 @@ def _round_times(result: dict) -> list[float]:
     return [row["seconds"] for row in result["rounds"]]
 
 
-def scale_section(out: Path, rounds: int = 5, strategy: str = "fedavg") -> dict:
+def scale_section(out: Path, rounds: int = ROUNDS, strategy: str = "fedavg") -> dict:
     """Both populations, one after the other, in subprocesses; the ratios and their inputs."""
     runs = {}
     for clients in POPULATIONS:
@@ -132,7 +133,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=ROUNDS)
     parser.add_argument("--strategy", default="fedavg")
     args = parser.parse_args()
     out = ROOT / "benchmarks" / "results" / "scale"
