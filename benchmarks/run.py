@@ -765,7 +765,7 @@ def main() -> None:
     if "scale" in sections:  # benchmarks/scale.py: its own fixed config, in any mode
         from scale import scale_section
 
-        scale = scale_section(out / "scale")
+        scale = scale_section(ROOT / "benchmarks" / "results" / "scale")  # one place, any mode
         for key in ("scale_round_time_ratio_1000_vs_10", "scale_peak_memory_ratio_1000_vs_10"):
             summary[key] = scale[key]
     summary[
