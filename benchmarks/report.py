@@ -243,8 +243,14 @@ def write(mode: str) -> Path:
         "",
         (
             f"Made by `{cmd}` (`python benchmarks/run.py --mode {mode}`) on a "
-            f"{summary.get('cores')}-core machine in {summary.get('seconds', 0) / 60:.0f} minutes. "
-            "Every ratio is measured side by side in that one run; "
+            f"{summary.get('cores')}-core machine"
+            + (
+                f" in {summary['seconds'] / 60:.0f} minutes"
+                if "seconds" in summary
+                else ", section by section (`--sections`; each one's time is a `seconds_*` key; "
+                "the study's is the sum of its runs' `wall_seconds` in evidence.json)"
+            )
+            + ". Every ratio is measured side by side in one section's run; "
             f"the raw figures are in `benchmarks/results/{mode}/*.json`."
         ),
         "",
