@@ -296,7 +296,7 @@ def evidence_section(mode: dict, out: Path) -> dict:
 
     with ThreadPoolExecutor(workers) as pool:  # each run is a subprocess: threads only wait
         results = dict(zip(runs, pool.map(one, runs)))
-    centralized = centralized_bounds(mode, seeds, out, code)
+    centralized = centralized_bounds(mode, seeds, out, code) if mode.get("bounds", True) else {}
     evidence = build_evidence(mode, seeds, results, centralized)
     evidence["memory"] = {"run": f"{COST_CONFIG}/feddf seed 0", **study_memory(out)}
     evidence["runs"] = {"flwr_kd_fingerprint": code, "engine": engine}  # what they measured

@@ -150,6 +150,7 @@ def evidence_lines(mode: str, ev: dict) -> list[str]:
                 else ""
             )
         ),
+        *([] if bounds else ["", "Centralized bounds: not computed in this run (`--no-bounds`)."]),
         "",
         "### Headlines",
         "",

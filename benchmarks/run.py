@@ -712,10 +712,17 @@ def main() -> None:
         "--workers", type=int, default=1, help="study runs side by side (cores or a GPU to spare)"
     )
     parser.add_argument("--device", help="the study runs' --device (default: flwr-kd's auto)")
+    parser.add_argument(
+        "--no-bounds",
+        action="store_true",
+        help="leave the study's centralized bounds out (27 trainings in full mode)",
+    )
     args = parser.parse_args()
     if args.workers < 1 or (args.workers > 1 and args.engine != "inprocess"):
         parser.error("--workers N > 1 needs --engine inprocess (Ray runs take every core)")
-    mode = dict(MODES[args.mode], engine=args.engine, workers=args.workers)
+    mode = dict(
+        MODES[args.mode], engine=args.engine, workers=args.workers, bounds=not args.no_bounds
+    )
     for key in ("seeds", "rounds"):  # smaller smoke runs of a mode
         if getattr(args, key):
             mode[key] = getattr(args, key)
