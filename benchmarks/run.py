@@ -358,16 +358,21 @@ def aggregation_section(mode: dict, out: Path) -> dict:
 
 
 def study_clients(mode: dict, config: str, method: str = "feddf", seed: int = 0):
-    """The ExperimentConfig of one study run (benchmarks/evidence.py) and, per client,
-    (partition, architecture, ClientData): its split as the run's clients load it."""
+    """One study run (benchmarks/evidence.py): its ExperimentConfig, the indices of its round-1
+    public subset, its FederatedData, and per client (partition, architecture, ClientData): the
+    split as the run's clients load it."""
     from evidence import study_args
     from flwr.app import ConfigRecord, Context, RecordDict
 
     from flwr_kd.cli import _parser, config_from_args
     from flwr_kd.client.node import load_split_partition
+    from flwr_kd.data import load_federated
+    from flwr_kd.strategy.base import public_subset
 
     cfg = config_from_args(_parser().parse_args(study_args(mode, config, method, seed)))
     spec = cfg.data_spec.to_config()
+    federated = load_federated(cfg.data_spec)
+    subset = public_subset(len(federated.public_x), cfg.subset_size, cfg.seed, 1)
 
     def clients():
         for partition in range(cfg.num_clients):
@@ -375,7 +380,7 @@ def study_clients(mode: dict, config: str, method: str = "feddf", seed: int = 0)
             data = load_split_partition(context, ConfigRecord(dict(spec)))
             yield partition, cfg.arch_of_partition(partition), data
 
-    return cfg, clients()
+    return cfg, subset, federated, clients()
 
 
 def client_round_section(mode: dict, out: Path, repeats: int = 3) -> dict:
@@ -390,16 +395,15 @@ def client_round_section(mode: dict, out: Path, repeats: int = 3) -> dict:
 
     from flwr_kd.client.handlers import train_private
     from flwr_kd.models import create_model, load_numpy_state, state_to_numpy
-    from flwr_kd.strategy.base import public_subset
     from flwr_kd.training import predict_logits
 
     torch.set_num_threads(1)
-    cfg, clients = study_clients(mode, COST_CONFIG)
+    cfg, idx, federated, clients = study_clients(mode, COST_CONFIG)
+    subset = federated.public_x[idx]
     settings, device = cfg.train_config, cfg.device_config
     per_arch: dict[str, dict] = {}
     samples = 0
     for _, arch, data in clients:
-        subset = data.public_x[public_subset(len(data.public_x), cfg.subset_size, cfg.seed, 1)]
         samples += len(data.train_x)
         start = state_to_numpy(create_model(arch, data.model_spec))
         train_s, logits_s = [], []

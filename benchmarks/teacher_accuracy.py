@@ -47,23 +47,18 @@ def one_seed(config: str, seed: int) -> dict:
 
     from flwr_kd.client.handlers import train_private
     from flwr_kd.models import create_model
-    from flwr_kd.strategy.base import public_subset
     from flwr_kd.training import predict_logits
 
     torch.set_num_threads(1)
-    cfg, clients = study_clients(MODES["full"], config, seed=seed)
-    logits, counts, subset_y = [], [], None
+    cfg, idx, federated, clients = study_clients(MODES["full"], config, seed=seed)
+    subset_x, subset_y = federated.public_x[idx], federated.public_y[idx]
+    logits, counts = [], []
     for partition, arch, data in clients:
-        idx = public_subset(len(data.public_x), cfg.subset_size, cfg.seed, 1)
         torch.manual_seed(seed * 1000 + partition)
         model = create_model(arch, data.model_spec)
         train_private(model, data, cfg.local_epochs, cfg.train_config, partition, cfg.device_config)
-        logits.append(predict_logits(model, data.public_x[idx], cfg.device_config))
+        logits.append(predict_logits(model, subset_x, cfg.device_config))
         counts.append(np.bincount(data.train_y, minlength=data.model_spec.num_classes))
-        if subset_y is None:
-            from flwr_kd.data import load_federated
-
-            subset_y = load_federated(cfg.data_spec).public_y[idx]
     stacked = np.stack(logits)
     scores = {
         name: round(float((t.argmax(1) == subset_y).mean()), 4)
