@@ -20,6 +20,9 @@ TARGETS = {
     "feddf_client_round_over_fedavg": ("<=", 1.2),
     "distill_validation_share": ("<=", 0.2),
     "aggregation_speedup_client_logits": (">=", 3.0),
+    "aggregation_speedup_n50": (">=", 5.0),
+    "scale_round_time_ratio_1000_vs_10": ("<=", 1.25),
+    "scale_peak_memory_ratio_1000_vs_10": ("<=", 1.25),
     "fanout_speedup": (">=", 1.6),
     "pretrain_speedup": (">=", 3.0),
     "framework_overhead": ("<=", 1.2),
@@ -395,6 +398,31 @@ def write(mode: str) -> Path:
             f"{sls.get('cold_start_seconds')} s; "
             f"warm request (median of 20): {sls.get('warm_request_seconds_median')} s."
         )
+    scale = load(ROOT / "benchmarks" / "results", "scale/scale")  # one place, any mode
+    if scale:
+        runs = scale["runs"]
+        base = runs["10"]["round_seconds_after_first"]
+        lines += [
+            "",
+            "## Scale: 1,000 clients at 1% against 10 at 100% (`benchmarks/scale.py`)",
+            "",
+            (
+                f"FedAvg, {scale['config']['participants_per_round']} clients per round, "
+                f"{scale['config']['private_samples_per_client']} private samples per client, "
+                f"{scale['config']['rounds']} rounds; median round time after round 1, and peak "
+                "resident memory of the whole process tree, side by side. Flower's poll: one "
+                "pass of its simulation engine over the nodes, ms (`flower_poll_ms_per_tick`: "
+                f"{scale['flower_poll_ms_per_tick']})."
+            ),
+            "",
+            "| run | round s (median) | peak MiB | round-time ratio to 10 |",
+            "| --- | --- | --- | --- |",
+            *(
+                f"| {key} | {r['round_seconds_after_first']} | {r['peak_total_mib']} | "
+                f"{round(r['round_seconds_after_first'] / base, 3)} |"
+                for key, r in runs.items()
+            ),
+        ]
     soak = load(out, "soak")
     if soak:
         rel = soak["reliability"]

@@ -3,8 +3,9 @@
     python benchmarks/scale.py                 # writes benchmarks/results/scale/scale.json
     python benchmarks/run.py --sections scale       # the same, into the mode's summary.json
 
-Both runs give every client the same data (Fashion-MNIST, IID, `PER_CLIENT` private samples
-each) and run the same FedAvg rounds of 10 clients, side by side in this process' run:
+Every run gives each client the same data (Fashion-MNIST, IID, `PER_CLIENT` private samples
+each) and runs the same FedAvg rounds of 10 clients, side by side in this process' run: 10
+clients, 1,000 clients, and 1,000 clients with Flower's own poll (`-c poll-index=false`):
 
 - `scale_round_time_ratio_1000_vs_10`: the median round time after round 1 (round 1 starts
   Ray's actors and loads their data; the median, since this machine's cores are shared). Each
@@ -13,13 +14,14 @@ each) and run the same FedAvg rounds of 10 clients, side by side in this process
 - `scale_peak_memory_ratio_1000_vs_10`: the peak resident memory of the whole process tree
   (`flwr-kd`, Flower's SuperLink and simulation process, Ray and its actors), sampled with
   psutil over the children of `flwr-kd`, recursively;
-- `flower_poll_ms_per_tick`: what is Flower's own: its simulation engine looks for messages
-  to deliver with one `LinkState.get_message_ins` call per node, every 0.1 s, each scanning
-  every stored message; measured here on Flower's in-memory LinkState with 10 messages
-  pending, at 10 and at 1,000 nodes.
+- `scale_round_time_ratio_1000_vs_10_flower_poll`: the same ratio without flwr-kd's per-node
+  index of pending messages (flwr_kd.simulation_poll);
+- `flower_poll_ms_per_tick`: one pass of Flower's simulation engine over its nodes (one
+  `LinkState.get_message_ins` call per node, every 0.1 s) on Flower's in-memory LinkState with
+  10 messages pending, at 10 and at 1,000 nodes, as Flower ships it and with the index.
 
 Needs Fashion-MNIST (`sudo apt-get install dataset-fashion-mnist`). Tiny model, 1 local epoch,
-no baseline: about 5 minutes on 2 cores.
+no baseline: about 7 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -56,29 +58,17 @@ def scale_args(clients: int, rounds: int, strategy: str = "fedavg") -> list[str]
     ]
 
 
-def flower_poll_seconds(num_nodes: int, pending: int = 10, ticks: int = 5) -> float:
+def flower_poll_seconds(num_nodes: int, pending: int = 10, ticks: int = 5, index=False) -> float:
     """One pass of Flower's simulation engine over its nodes (`vce_api.add_messages_to_queue`)
-    on its in-memory LinkState, with `pending` messages stored."""
+    on its in-memory LinkState, with `pending` messages stored; `index`: with flwr-kd's
+    per-node index of pending messages (flwr_kd.simulation_poll)."""
     from flwr.app import Message, RecordDict
-    from flwr.common.constant import SUPERLINK_NODE_ID
-    from flwr.server.superlink.fleet.vce.vce_api import _register_nodes
-    from flwr.server.superlink.linkstate import LinkStateFactory
-    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
-    from flwr.supercore.object_store import ObjectStoreFactory
-    from flwr.supercore.run import Run
-    from flwr.supercore.task_identity import TaskIdentity
-    from flwr.superlink.federation import NoOpFederationManager
-    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
-    factory = LinkStateFactory(
-        FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory()
-    )
-    nodes = list(_register_nodes(num_nodes, factory))
-    state = factory.state()
-    run_id = state.create_run(None, None, None, {}, "@none/default", None, None, "serverapp")
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, SUPERLINK_NODE_ID
-    grid = InMemoryGrid(factory)
-    grid.set_run(Run.create_empty(run_id))
+    from flwr_kd.simulation_poll import in_memory_link, install_poll_index
+
+    state, grid, nodes = in_memory_link(num_nodes)
+    if index:
+        install_poll_index(grid)
     messages = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in nodes]
     grid.push_messages(messages[:pending])
     t0 = time.perf_counter()
@@ -92,13 +82,22 @@ def _round_times(result: dict) -> list[float]:
     return [row["seconds"] for row in result["rounds"]]
 
 
+#: The runs, side by side: (key in scale.json, population, extra arguments). The last one is
+#: the 1,000-client run with Flower's own poll (no per-node index), for comparison.
+RUNS = (
+    ("10", 10, []),
+    ("1000", 1000, []),
+    ("1000_flower_poll", 1000, ["-c", "poll-index=false"]),
+)
+
+
 def scale_section(out: Path, rounds: int = ROUNDS, strategy: str = "fedavg") -> dict:
-    """Both populations, one after the other, in subprocesses; the ratios and their inputs."""
+    """The runs of `RUNS`, one after the other, in subprocesses; the ratios and their inputs."""
     runs = {}
-    for clients in POPULATIONS:
-        result, memory = flwr_kd(scale_args(clients, rounds, strategy), out / f"{clients}", True)
+    for key, clients, extra in RUNS:
+        result, memory = flwr_kd([*scale_args(clients, rounds, strategy), *extra], out / key, True)
         times = _round_times(result)
-        runs[clients] = {
+        runs[key] = {
             "round_seconds": times,
             "round_seconds_after_first": round(float(np.median(times[1:])), 3),
             "phases": [row["time"] for row in result["rounds"]],
@@ -107,8 +106,15 @@ def scale_section(out: Path, rounds: int = ROUNDS, strategy: str = "fedavg") -> 
             "wall_seconds": result["wall_seconds"],
             **memory,
         }
-    small, large = (runs[c] for c in POPULATIONS)
-    poll = {n: round(1000 * flower_poll_seconds(n), 2) for n in POPULATIONS}
+
+    def ratio(key: str, field: str) -> float:
+        return round(runs[key][field] / runs["10"][field], 3)
+
+    poll = {
+        f"{n}{suffix}": round(1000 * flower_poll_seconds(n, index=index), 2)
+        for n in POPULATIONS
+        for suffix, index in (("", False), ("_indexed", True))
+    }
     data = {
         "config": {
             "strategy": strategy,
@@ -116,14 +122,13 @@ def scale_section(out: Path, rounds: int = ROUNDS, strategy: str = "fedavg") -> 
             "participants_per_round": PARTICIPANTS,
             "private_samples_per_client": PER_CLIENT,
         },
-        "runs": {str(c): r for c, r in runs.items()},
-        "scale_round_time_ratio_1000_vs_10": round(
-            large["round_seconds_after_first"] / small["round_seconds_after_first"], 3
+        "runs": runs,
+        "scale_round_time_ratio_1000_vs_10": ratio("1000", "round_seconds_after_first"),
+        "scale_peak_memory_ratio_1000_vs_10": ratio("1000", "peak_total_mib"),
+        "scale_round_time_ratio_1000_vs_10_flower_poll": ratio(
+            "1000_flower_poll", "round_seconds_after_first"
         ),
-        "scale_peak_memory_ratio_1000_vs_10": round(
-            large["peak_total_mib"] / small["peak_total_mib"], 3
-        ),
-        "flower_poll_ms_per_tick": {str(n): ms for n, ms in poll.items()},
+        "flower_poll_ms_per_tick": poll,
     }
     save(out, "scale", data)
     return data

@@ -108,6 +108,9 @@ class ExperimentConfig:
     autocast: str = DeviceConfig.autocast
     client_num_cpus: float = 1.0
     client_num_gpus: float = 0.0
+    # Simulation only: index Flower's in-memory LinkState by node, so that its engine's poll of
+    # every node costs what the pending messages cost (flwr_kd.simulation_poll).
+    poll_index: bool = True
 
     # -- conversions ------------------------------------------------------------------------
 

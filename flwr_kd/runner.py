@@ -33,6 +33,7 @@ from flwr_kd.models import ModelSpec, create_model, state_to_numpy
 from flwr_kd.records import pack_models
 from flwr_kd.registry import STRATEGY_REGISTRY
 from flwr_kd.report import RoundRecorder, publish_result
+from flwr_kd.simulation_poll import install_poll_index
 from flwr_kd.strategy.wrappers import RoundCheckpoint, RoundOffset
 from flwr_kd.tasks import LocalTrainTask, run_local_train_task
 from flwr_kd.tracking import MODELS_DIR, make_tracker
@@ -126,6 +127,8 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, hooks: RuntimeHooks | None
     (with the final models, when the strategy has global ones) and sent to the tracker that
     `cfg.track` names."""
     hooks = hooks or RuntimeHooks()
+    if cfg.poll_index:
+        install_poll_index(grid)  # a no-op outside Flower's simulation
     entry = STRATEGY_REGISTRY[cfg.strategy]
     run_name = Path(cfg.out_dir).name if cfg.out_dir else cfg.strategy
     tracker = make_tracker(cfg.track, cfg.out_dir, run_name)  # before any work: fails fast
