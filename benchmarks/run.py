@@ -339,8 +339,9 @@ def aggregation_section(mode: dict, out: Path) -> dict:
             curve[n]["speedup"] = round(
                 curve[n]["server_parallel"] / curve[n]["clients_parallel"], 3
             )
+            if len(curve) == 1:  # the fan-out's speedup, right beside its parallel figure
+                curve[n]["clients_serial"] = timed(serial, tasks(clients, teacher, False))
         first = curve[cfg["clients"][0]]
-        first["clients_serial"] = timed(serial, tasks(clients, teacher, False))
     data_out = {
         "subset": cfg["subset"],
         "clients": cfg["clients"],
@@ -777,8 +778,7 @@ def main() -> None:
         from scale import scale_section
 
         scale = scale_section(ROOT / "benchmarks" / "results" / "scale")  # one place, any mode
-        for key in ("scale_round_time_ratio_1000_vs_10", "scale_peak_memory_ratio_1000_vs_10"):
-            summary[key] = scale[key]
+        summary.update({k: v for k, v in scale.items() if k.startswith("scale_")})
     whole = set(sections) >= {"evidence", "aggregation", "pretrain"}
     if not whole and "evidence" in sections:
         summary.pop("seconds", None)  # an earlier whole run's time no longer fits the figures
