@@ -62,8 +62,10 @@ clean:
 	rm -rf runs .pytest_cache
 
 ## Benchmarks (results and REPORT.md under benchmarks/); Fashion-MNIST comes from Debian.
+## The study's runs in-process, BENCH_WORKERS side by side: how the committed results were made.
+BENCH_WORKERS ?= 2
 bench: $(STAMP) fashion-mnist
-	$(PY) benchmarks/run.py --mode full
+	$(PY) benchmarks/run.py --mode full --engine inprocess --workers $(BENCH_WORKERS)
 	$(PY) benchmarks/pooled.py
 
 bench-quick: $(STAMP) fashion-mnist
