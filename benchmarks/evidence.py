@@ -9,7 +9,8 @@ sees, for the epochs a client gets. Writes evidence.json, evidence.png and the h
 Each run is `flwr-kd simulate ... --seed S --no-baseline` in a subprocess, in
 runs/<config>/<method>/seed<S>. A run is reused when its args.json holds the same arguments and
 the same fingerprint of flwr_kd's source: an interrupted bench resumes where it stopped, and a
-code change reruns everything.
+code change reruns everything, unless `--reuse-code FINGERPRINT` vouches for runs of earlier code
+(shown to give bit-identical results); evidence.json then lists which runs each code made.
 """
 
 from __future__ import annotations
@@ -84,22 +85,27 @@ def cached_run(
     memory: bool = False,
     engine: str = "ray",
     threads: int = 0,
+    reuse_codes: tuple[str, ...] = (),
 ) -> tuple:
     """(result.json, reused) of `flwr-kd args` on `engine`, run unless `run_out` holds it
-    already; the measured memory peaks, if asked for, go to memory.json beside it."""
+    already, made by `code` or by one of `reuse_codes` (earlier fingerprints the caller vouches
+    for); `reused` is the fingerprint of the reused run, "" for a new one. The measured memory
+    peaks, if asked for, go to memory.json beside it."""
+    for made_by in (code, *reuse_codes):
+        key = {"args": args, "code": made_by, **({"engine": engine} if engine != "ray" else {})}
+        stored = _stored(run_out, key)
+        if stored is not None:
+            result = json.loads((run_out / "result.json").read_text())
+            result["wall_seconds"] = stored.get("wall_seconds")
+            return result, made_by
     key = {"args": args, "code": code, **({"engine": engine} if engine != "ray" else {})}
-    stored = _stored(run_out, key)
-    if stored is not None:
-        result = json.loads((run_out / "result.json").read_text())
-        result["wall_seconds"] = stored.get("wall_seconds")
-        return result, True
     (run_out / "args.json").unlink(missing_ok=True)
     result, mem = flwr_kd(args, run_out, memory=memory, engine=engine, threads=threads)
     if mem:
         (run_out / "memory.json").write_text(json.dumps(mem, indent=2))
     marker = {"key": key, "wall_seconds": result["wall_seconds"]}
     (run_out / "args.json").write_text(json.dumps(marker, indent=2))
-    return result, False
+    return result, ""
 
 
 def study_result(out: Path, config: str, method: str, seed: int = 0) -> dict | None:
@@ -121,7 +127,7 @@ class Progress:
         self.total, self.done, self.t0 = total, 0, time.perf_counter()
         self.lock = threading.Lock()  # runs finish side by side with --workers
 
-    def line(self, what: str, final_mean: float, seconds: float | None, reused: bool) -> None:
+    def line(self, what: str, final_mean: float, seconds: float | None, reused: str) -> None:
         with self.lock:
             self.done += 1
             done = self.done
@@ -279,6 +285,8 @@ def evidence_section(mode: dict, out: Path) -> dict:
     engine, workers = mode.get("engine", "ray"), mode.get("workers", 1)
     threads = max(1, CORES // workers) if workers > 1 else 0
 
+    made_by: dict[str, list[str]] = {}  # fingerprint -> the runs it made
+
     def one(run: tuple[str, str, int]) -> dict:
         name, method, seed = run
         result, reused = cached_run(
@@ -288,7 +296,9 @@ def evidence_section(mode: dict, out: Path) -> dict:
             memory=run == (COST_CONFIG, "feddf", 0),
             engine=engine,
             threads=threads,
+            reuse_codes=tuple(mode.get("reuse_codes", ())),
         )
+        made_by.setdefault(reused or code, []).append(f"{name}/{method}/seed{seed}")
         progress.line(
             f"{name}/{method} seed {seed}", mean_final(result), result.get("wall_seconds"), reused
         )
@@ -300,6 +310,8 @@ def evidence_section(mode: dict, out: Path) -> dict:
     evidence = build_evidence(mode, seeds, results, centralized)
     evidence["memory"] = {"run": f"{COST_CONFIG}/feddf seed 0", **study_memory(out)}
     evidence["runs"] = {"flwr_kd_fingerprint": code, "engine": engine}  # what they measured
+    if set(made_by) != {code}:  # runs reused from earlier code (--reuse-code): which, by what
+        evidence["runs"]["made_by"] = {fp: sorted(names) for fp, names in made_by.items()}
     save(out, "evidence", evidence)
     plot_evidence(evidence, out / "evidence.png")
     return evidence["summary"]

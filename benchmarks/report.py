@@ -151,6 +151,10 @@ def evidence_lines(mode: str, ev: dict) -> list[str]:
                 if "runs" in ev
                 else ""
             )
+            + "".join(
+                f" Made by fingerprint `{fp}`: {', '.join(names)}."
+                for fp, names in ev.get("runs", {}).get("made_by", {}).items()
+            )
         ),
         *([] if bounds else ["", "Centralized bounds: not computed in this run (`--no-bounds`)."]),
         "",

@@ -96,7 +96,7 @@ MODES = {
             [
                 *("--dataset", "fashion-mnist", "--partitioner", "dirichlet", "--alpha", "0.5"),
                 *_c("public-classes-from=5", "public-fraction=0.02", "max-private=300"),
-                *_c("max-test=500"),
+                *_c("max-test=500", "revisit-lr=0.001"),
             ]
         ),
         "aggregation": {"subset": 440, "steps": 30, "clients": [6, 12]},
@@ -126,11 +126,14 @@ MODES = {
             "digest-epochs=3",
         ),
         # FedMD's paper regime: Fashion-MNIST classes 5-9 are the public task (10% of them),
-        # classes 0-4 the private one, 60 samples per client on average
+        # classes 0-4 the private one, 60 samples per client on average. Revisiting at lr 1e-3:
+        # with 48 training samples a client's revisit epoch is 2 Adam steps, which at the
+        # default 1e-4 left the rounds to the digest alone (paired A/B, docs/evidence-lab.md)
         "study": study(
             [
                 *("--partitioner", "dirichlet", "--alpha", "0.5"),
                 *_c("public-classes-from=5", "public-fraction=0.1", "max-private=600"),
+                *_c("revisit-lr=0.001"),
             ],
             early_stopping=False,  # 15 more minutes; quick mode keeps the comparison
         ),
@@ -722,11 +725,23 @@ def main() -> None:
         action="store_true",
         help="leave the study's centralized bounds out (27 trainings in full mode)",
     )
+    parser.add_argument(
+        "--reuse-code",
+        action="append",
+        default=[],
+        metavar="FINGERPRINT",
+        help="also reuse the study's stored runs made by this earlier flwr_kd source fingerprint "
+        "(only after showing that it gives the same results); evidence.json lists them",
+    )
     args = parser.parse_args()
     if args.workers < 1 or (args.workers > 1 and args.engine != "inprocess"):
         parser.error("--workers N > 1 needs --engine inprocess (Ray runs take every core)")
     mode = dict(
-        MODES[args.mode], engine=args.engine, workers=args.workers, bounds=not args.no_bounds
+        MODES[args.mode],
+        engine=args.engine,
+        workers=args.workers,
+        bounds=not args.no_bounds,
+        reuse_codes=args.reuse_code,
     )
     for key in ("seeds", "rounds"):  # smaller smoke runs of a mode
         if getattr(args, key):

@@ -33,6 +33,11 @@ def test_inprocess_run_is_stored_with_its_engine_and_reused(tmp_path):
     assert evidence._stored(run_out, {"args": SIMULATE, "code": "code"}) is None
     key = {"args": SIMULATE, "code": "other", "engine": "inprocess"}
     assert evidence._stored(run_out, key) is None
+    # a later code reuses it only when told that this earlier code gives the same results
+    kept, made_by = evidence.cached_run(
+        SIMULATE, run_out, "later", engine="inprocess", reuse_codes=("code",)
+    )
+    assert made_by == "code" and kept["rounds"] == result["rounds"]
 
 
 def test_side_by_side_runs_need_the_inprocess_engine():
