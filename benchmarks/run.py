@@ -127,7 +127,7 @@ MODES = {
         ),
         # FedMD's paper regime: Fashion-MNIST classes 5-9 are the public task (10% of them),
         # classes 0-4 the private one, 60 samples per client on average. Revisiting at lr 1e-3:
-        # with 48 training samples a client's revisit epoch is 2 Adam steps, which at the
+        # with 48 training samples a client's revisit epoch is 3 Adam steps, which at the
         # default 1e-4 left the rounds to the digest alone (paired A/B, docs/evidence-lab.md)
         "study": study(
             [
