@@ -7,6 +7,11 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+#: What `make bench` / `make bench-quick` run, per mode (the Makefile's commands).
+COMMANDS = {
+    "full": "python benchmarks/run.py --mode full --engine inprocess --workers 2",
+    "quick": "python benchmarks/run.py --mode quick",
+}
 #: Headline targets (issues 13 and 15 for the evidence keys): key -> (operator, target).
 TARGETS = {
     "feddf_minus_fedavg_alpha0.1_mean": (">=", 0.03),
@@ -140,8 +145,8 @@ def evidence_lines(mode: str, ev: dict) -> list[str]:
         ),
         "",
         (
-            f"Commands: `{cmd}` (`python benchmarks/run.py --mode {mode}`); this study alone: "
-            f"`python benchmarks/run.py --mode {mode} --sections evidence`. Runs kept in "
+            f"Commands: `{cmd}` (`{COMMANDS[mode]}`); this study alone: the same with "
+            "`--sections evidence`. Runs kept in "
             f"`benchmarks/results/{mode}/runs/` are reused while their arguments and flwr_kd's "
             "source are unchanged. Each run's `flwr-kd simulate` command is listed under its "
             "configuration (S = the seed)."
@@ -249,7 +254,7 @@ def write(mode: str) -> Path:
         "# flwr-kd benchmarks",
         "",
         (
-            f"Made by `{cmd}` (`python benchmarks/run.py --mode {mode}`) on a "
+            f"Made by `{cmd}` (`{COMMANDS[mode]}`) on a "
             f"{summary.get('cores')}-core machine"
             + (
                 f" in {summary['seconds'] / 60:.0f} minutes"
