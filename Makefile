@@ -69,7 +69,7 @@ bench: $(STAMP) fashion-mnist
 	$(PY) benchmarks/pooled.py
 
 bench-quick: $(STAMP) fashion-mnist
-	$(PY) benchmarks/run.py --mode quick
+	$(PY) benchmarks/run.py --mode quick --engine inprocess --workers $(BENCH_WORKERS)
 
 fashion-mnist:
 	@test -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz || \

@@ -435,9 +435,6 @@ def build_evidence(mode: dict, seeds: list[int], results: dict, centralized: dic
     """evidence.json: per config and method, the paired comparisons, the costs, the bounds
     and the headline keys (`summary`)."""
     configs = {name: config_evidence(mode, name, seeds, results) for name in mode["study"]}
-    for regime, bound in centralized.items():
-        for name in bound["configs"]:
-            configs[name]["centralized"] = regime
     costs = cost_figures(configs, seeds, results)
     summary: dict = {"seeds": len(seeds)}
     for config in configs.values():
@@ -452,14 +449,49 @@ def build_evidence(mode: dict, seeds: list[int], results: dict, centralized: dic
         if m.get("slope_last3") is not None
     ]
     summary["slope_last3_max"] = round(max(slopes), 4) if slopes else None
-    return {
-        "mode": {k: mode[k] for k in ("dataset", "clients", "rounds", "archs", "extra")},
+    evidence = {
+        "mode": _study_mode(mode),
         "seeds": seeds,
         "configs": configs,
-        "centralized": centralized,
         "costs": {"config": COST_CONFIG, **costs},
         "summary": summary,
     }
+    return with_bounds(evidence, centralized)
+
+
+def _study_mode(mode: dict) -> dict:
+    """What of a mode the study's runs depend on (besides its `study`)."""
+    return {k: mode[k] for k in ("dataset", "clients", "rounds", "archs", "extra")}
+
+
+def with_bounds(evidence: dict, centralized: dict) -> dict:
+    """`evidence` with the centralized bounds in, each config pointing at its data regime's."""
+    for config in evidence["configs"].values():
+        config.pop("centralized", None)
+    for regime, bound in centralized.items():
+        for name in bound["configs"]:
+            evidence["configs"][name]["centralized"] = regime
+    evidence["centralized"] = centralized
+    return evidence
+
+
+def bounds_section(mode: dict, out: Path) -> dict:
+    """Compute (or reuse) the centralized bounds of the study that `out`'s evidence.json holds,
+    and add them to it, without its runs: the bounds train on the split alone."""
+    path = out / "evidence.json"
+    if not path.exists():
+        raise SystemExit(f"{path} is missing: run the evidence section first")
+    evidence = json.loads(path.read_text())
+    seeds = list(range(mode["seeds"]))
+    if evidence["mode"] != _study_mode(mode) or evidence["seeds"] != seeds:
+        raise SystemExit(
+            f"{path} was made with other settings ({evidence['mode']}, seeds "
+            f"{evidence['seeds']}) than this mode's: rerun its evidence section"
+        )
+    evidence = with_bounds(evidence, centralized_bounds(mode, seeds, out, code_fingerprint()))
+    save(out, "evidence", evidence)
+    plot_evidence(evidence, out / "evidence.png")
+    return evidence["centralized"]
 
 
 def plot_evidence(evidence: dict, path: Path) -> None:

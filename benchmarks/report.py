@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 #: What `make bench` / `make bench-quick` run, per mode (the Makefile's commands).
 COMMANDS = {
     "full": "python benchmarks/run.py --mode full --engine inprocess --workers 2",
-    "quick": "python benchmarks/run.py --mode quick",
+    "quick": "python benchmarks/run.py --mode quick --engine inprocess --workers 2",
 }
 #: Headline targets (issues 13 and 15 for the evidence keys): key -> (operator, target).
 TARGETS = {

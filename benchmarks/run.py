@@ -77,6 +77,7 @@ def _c(*pairs: str) -> list[str]:
     return [flag for kv in pairs for flag in ("-c", kv)]
 
 
+QUICK_SECTIONS = "evidence,client_round,communication,aggregation,pretrain,serverless,soak"
 MODES = {
     "quick": {
         "dataset": "digits",
@@ -103,6 +104,8 @@ MODES = {
         "emulate_rounds": 1,
         "emulate_clients": 3,
         "soak_rounds": 10,
+        # the scale runs have one fixed config (benchmarks/scale.py), measured in full mode
+        "sections": QUICK_SECTIONS,
     },
     "full": {
         "dataset": "fashion-mnist",
@@ -141,6 +144,7 @@ MODES = {
         "emulate_rounds": 2,
         "emulate_clients": 4,
         "soak_rounds": 50,
+        "sections": f"{QUICK_SECTIONS},scale",
     },
 }
 
@@ -706,7 +710,8 @@ def main() -> None:
     parser.add_argument("--mode", choices=sorted(MODES), default="quick")
     parser.add_argument(
         "--sections",
-        default="evidence,client_round,communication,aggregation,pretrain,serverless,soak,scale",
+        help="comma-separated (default: the mode's `sections`); `bounds` alone computes the "
+        "stored study's centralized bounds",
     )
     parser.add_argument("--seeds", type=int, help="seeds per configuration (default: the mode's)")
     parser.add_argument("--rounds", type=int, help="rounds per run (default: the mode's)")
@@ -723,7 +728,8 @@ def main() -> None:
     parser.add_argument(
         "--no-bounds",
         action="store_true",
-        help="leave the study's centralized bounds out (27 trainings in full mode)",
+        help="leave the study's centralized bounds out (one training per architecture, seed and "
+        "data regime; `--sections bounds` adds them to the study's evidence.json later)",
     )
     parser.add_argument(
         "--reuse-code",
@@ -751,7 +757,7 @@ def main() -> None:
     out = ROOT / "benchmarks" / "results" / args.mode
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("FLWR_KD_CACHE", str(out / ".cache"))
-    sections = args.sections.split(",")
+    sections = (args.sections or mode["sections"]).split(",")
     t0 = time.perf_counter()
     previous = out / "summary.json"  # a run of some sections updates the others' figures
     summary: dict = {
@@ -770,6 +776,10 @@ def main() -> None:
         )
         summary["framework_overhead"] = timing["framework_overhead"]
         summary["peak_memory_mib"] = study_memory(out).get("peak_total_mib")
+    elif "bounds" in sections:  # the stored study's centralized bounds, without its runs
+        from evidence import bounds_section
+
+        bounds_section(mode, out)
     if "client_round" in sections:  # after the study: its figure from the runs is noisier
         client = client_round_section(mode, out)
         summary["feddf_client_round_over_fedavg"] = client["feddf_client_round_over_fedavg"]

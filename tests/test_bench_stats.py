@@ -1,6 +1,7 @@
 """benchmarks/stats.py against hand-computed values: the arithmetic behind `make bench`'s
 headlines (mean +- std over seeds, paired differences with a 95% interval, curve slopes)."""
 
+import json
 import math
 
 import pytest
@@ -135,3 +136,40 @@ def test_the_study_pairs_methods_per_seed_into_the_headline_keys(tmp_path):
     text = "\n".join(load_benchmark("report").evidence_lines("quick", ev))
     assert "| `feddf_minus_fedavg_alpha0.1` (alpha0.1: A = feddf, B = fedavg) | 2 |" in text
     assert "+0.0750 | [" in text
+
+
+def test_bounds_join_a_stored_study_without_its_runs(tmp_path):
+    """`--sections bounds`: the centralized bounds of the study in evidence.json, trained on the
+    split alone, each config pointing at its regime's; a study of other settings is refused."""
+    evidence = load_benchmark("evidence")
+    mode = {
+        "dataset": "digits",
+        "clients": 2,
+        "rounds": 1,
+        "archs": "test_vit",
+        "extra": ["-c", "max-private=80", "-c", "max-test=60", "-c", "local-epochs=1"],
+        "seeds": 1,
+        "study": {
+            "alpha0.1": {
+                "flags": ["--alpha", "0.1"],
+                "methods": {"feddf": ["feddf"], "fedavg": ["fedavg"]},
+                "paired": {},
+            },
+        },
+    }
+    results = {("alpha0.1", m, 0): _result({"test_vit": 0.5}) for m in ("feddf", "fedavg")}
+    evidence.save(tmp_path, "evidence", evidence.build_evidence(mode, [0], results, {}))
+    with pytest.raises(SystemExit, match="other settings"):
+        evidence.bounds_section({**mode, "rounds": 2}, tmp_path)
+
+    bounds = evidence.bounds_section(mode, tmp_path)
+    stored = json.loads((tmp_path / "evidence.json").read_text())
+    assert stored["configs"]["alpha0.1"]["centralized"] == "alpha0.1"
+    bound = bounds["alpha0.1"]
+    assert stored["centralized"]["alpha0.1"] == bound
+    assert bound["epochs"] == 1 and bound["configs"] == ["alpha0.1"]
+    # the private pool (80), the capped validation set and the public set
+    assert bound["samples"] > 80
+    accuracy = bound["per_seed"]["0"]["per_arch"]["test_vit"]
+    assert 0.0 <= accuracy <= 1.0 and bound["summary"]["mean"] == bound["per_seed"]["0"]["mean"]
+    assert (tmp_path / "evidence.png").stat().st_size > 0
