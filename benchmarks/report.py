@@ -161,7 +161,17 @@ def evidence_lines(mode: str, ev: dict) -> list[str]:
                 for fp, names in ev.get("runs", {}).get("made_by", {}).items()
             )
         ),
-        *([] if bounds else ["", "Centralized bounds: not computed in this run (`--no-bounds`)."]),
+        *(
+            []
+            if bounds
+            else [
+                "",
+                (
+                    "Centralized bounds: not computed in this run (`--no-bounds`, quick mode's "
+                    "default); `--sections bounds` adds them to this study."
+                ),
+            ]
+        ),
         "",
         "### Headlines",
         "",

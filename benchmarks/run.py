@@ -30,10 +30,12 @@ ROOT = Path(__file__).resolve().parents[1]
 CORES = os.cpu_count() or 1
 
 
-def study(paper_regime_flags: list[str], early_stopping: bool = True) -> dict:
+def study(paper_regime_flags: list[str], early_stopping: bool = False) -> dict:
     """The seeded accuracy study (benchmarks/evidence.py): per configuration, the flags that
     set its data (after the mode's own), its methods as [strategy, *flags], and the paired
-    comparisons that make headline keys, as {key: [method a, method b]} (a - b per seed)."""
+    comparisons that make headline keys, as {key: [method a, method b]} (a - b per seed).
+    `early_stopping` adds FedDF with the paper's early stopping at alpha 0.1 (3 runs per seed;
+    left out of both modes for their time budgets)."""
     # FedMD first: its runs are the cheapest per seed to learn from when a study is cut short
     configs = {
         "same_distribution": {  # FedMD with its public set cut from the private task's pool
@@ -77,7 +79,9 @@ def _c(*pairs: str) -> list[str]:
     return [flag for kv in pairs for flag in ("-c", kv)]
 
 
-QUICK_SECTIONS = "evidence,client_round,communication,aggregation,pretrain,serverless,soak"
+#: Quick mode's sections: the emulated serverless stack and its soak are `make test`'s too,
+#: and the scale runs have one fixed config (benchmarks/scale.py), so full mode measures those.
+QUICK_SECTIONS = "evidence,client_round,communication,aggregation,pretrain"
 MODES = {
     "quick": {
         "dataset": "digits",
@@ -85,12 +89,14 @@ MODES = {
         "seeds": 3,
         "rounds": 3,
         "archs": "resnet10t,mobilenetv3_small_050,test_vit",
+        # sized for make bench-quick's 10 minutes on 2 cores: a smoke of every figure, whose
+        # differences are noise at these sizes (docs/evidence-lab.md)
         "extra": _c(
-            "local-epochs=2",
-            "distill-steps=30",
+            "local-epochs=1",
+            "distill-steps=20",
             "subset-size=200",
-            "pretrain-epochs=5",
-            "finetune-epochs=5",
+            "pretrain-epochs=2",
+            "finetune-epochs=2",
             "digest-epochs=1",
         ),
         "study": study(
@@ -104,8 +110,8 @@ MODES = {
         "emulate_rounds": 1,
         "emulate_clients": 3,
         "soak_rounds": 10,
-        # the scale runs have one fixed config (benchmarks/scale.py), measured in full mode
         "sections": QUICK_SECTIONS,
+        "bounds": False,  # 3.5 more minutes: `--sections bounds` adds them to the stored study
     },
     "full": {
         "dataset": "fashion-mnist",
@@ -138,13 +144,12 @@ MODES = {
                 *_c("public-classes-from=5", "public-fraction=0.1", "max-private=600"),
                 *_c("revisit-lr=0.001"),
             ],
-            early_stopping=False,  # 15 more minutes; quick mode keeps the comparison
         ),
         "aggregation": {"subset": 2000, "steps": 60, "clients": [10, 25, 50]},
         "emulate_rounds": 2,
         "emulate_clients": 4,
         "soak_rounds": 50,
-        "sections": f"{QUICK_SECTIONS},scale",
+        "sections": f"{QUICK_SECTIONS},serverless,soak,scale",
     },
 }
 
@@ -543,7 +548,12 @@ def communication_section(mode: dict, out: Path) -> dict:
             "up_per_client": int(np.mean([x["bytes"]["up"] / max(1, x["replies"]) for x in rows])),
         }
     args = study_args(mode, COST_CONFIG, "feddf", 0, "--logits-dtype", "float32")
-    f32, _ = cached_run(args, out / "runs" / f"feddf-float32-{COST_CONFIG}", code_fingerprint())
+    f32, _ = cached_run(  # on the study's engine, as the float16 run it is compared with
+        args,
+        out / "runs" / f"feddf-float32-{COST_CONFIG}",
+        code_fingerprint(),
+        engine=mode.get("engine", "ray"),
+    )
     f16 = runs["feddf"]
     data_out = {
         "config": COST_CONFIG,
@@ -728,8 +738,9 @@ def main() -> None:
     parser.add_argument(
         "--no-bounds",
         action="store_true",
-        help="leave the study's centralized bounds out (one training per architecture, seed and "
-        "data regime; `--sections bounds` adds them to the study's evidence.json later)",
+        help="leave the study's centralized bounds out, as quick mode does (one training per "
+        "architecture, seed and data regime; `--sections bounds` adds them to the study's "
+        "evidence.json later)",
     )
     parser.add_argument(
         "--reuse-code",
@@ -746,7 +757,7 @@ def main() -> None:
         MODES[args.mode],
         engine=args.engine,
         workers=args.workers,
-        bounds=not args.no_bounds,
+        bounds=MODES[args.mode].get("bounds", True) and not args.no_bounds,
         reuse_codes=args.reuse_code,
     )
     for key in ("seeds", "rounds"):  # smaller smoke runs of a mode
