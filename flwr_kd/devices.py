@@ -111,6 +111,14 @@ class Compute:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
+    def adam(self, model: torch.nn.Module, lr: float) -> torch.optim.Adam:
+        """Adam over `model`'s parameters, fused into one kernel where PyTorch has one (CPU and
+        CUDA): the per-parameter loop of the default costs as much as the backward pass of
+        the small models here (resnet10t at batch 16 on one CPU thread: 97 -> 70 ms a step)."""
+        return torch.optim.Adam(
+            model.parameters(), lr=lr, fused=self.device.type in ("cpu", "cuda")
+        )
+
     def stepper(self, optimizer: torch.optim.Optimizer) -> Callable[[torch.Tensor], None]:
         """`step(loss)`: clear the gradients, backpropagate, step. Under fp16 on CUDA the loss
         is scaled (GradScaler) so that small gradients do not underflow."""
@@ -134,11 +142,25 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters(), torch.empty(0)).device
 
 
+def has_depthwise_convolutions(model: torch.nn.Module) -> bool:
+    """Whether `model` convolves each channel on its own somewhere (MobileNets, LCNet,
+    EfficientNets): oneDNN runs those several times faster on channels-last tensors."""
+    return any(
+        isinstance(m, torch.nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels
+        for m in model.modules()
+    )
+
+
 def run_on(model: torch.nn.Module, config: DeviceConfig | None) -> Compute:
     """Where a call on `model` runs: `config` resolved here, the model moved there (in place);
-    without a config, where the model already is, without autocast."""
+    without a config, where the model already is, without autocast. On the CPU, a model with
+    depthwise convolutions also takes the channels-last memory format (same values, other
+    strides): mobilenetv3_small_050 trains 1.4x faster at batch 16 and 2.4x at 64 on one
+    thread, while a plain ResNet gains nothing (benchmarks/results/full/cpu_kernels.json)."""
     compute = Compute(model_device(model)) if config is None else Compute.of(config)
     model.to(compute.device)
+    if compute.device.type == "cpu" and has_depthwise_convolutions(model):
+        model.to(memory_format=torch.channels_last)
     return compute
 
 

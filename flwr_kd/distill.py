@@ -51,6 +51,31 @@ def average_logits(logits: list[np.ndarray], weights: list[float] | None = None)
     return np.tensordot(w / w.sum(), stacked, axes=1).astype(np.float32)
 
 
+def digest_loss(
+    out: torch.Tensor,
+    target: torch.Tensor,
+    loss: str,
+    temperature: float,
+    labels: torch.Tensor | None = None,
+    label_weight: float = 0.0,
+) -> torch.Tensor:
+    """FedMD's digest loss on one batch: `mae` (L1 on logits) or `kl` (`kd_loss`) towards the
+    consensus. On the samples whose label is known (`labels` >= 0) it is, with `label_weight`
+    w, (1 - w) of that plus w of cross-entropy on the label; elsewhere the consensus alone."""
+    known = labels >= 0 if labels is not None and label_weight else None
+    if known is None or not bool(known.any()):
+        return F.l1_loss(out, target) if loss == "mae" else kd_loss(out, target, temperature)
+    if loss == "mae":
+        per_sample = (out - target).abs().mean(dim=1)
+    else:
+        t = temperature
+        soft = F.log_softmax(out / t, dim=1), F.log_softmax(target / t, dim=1)
+        per_sample = F.kl_div(*soft, reduction="none", log_target=True).sum(dim=1) * t * t
+    hard = F.cross_entropy(out, labels.clamp(min=0), reduction="none")
+    share = label_weight * known.to(out.dtype)
+    return ((1 - share) * per_sample + share * hard).mean()
+
+
 def center_per_class(logits: np.ndarray) -> np.ndarray:
     """`logits` (samples x classes) less each class's mean over the samples: how the samples
     differ stays, a class's constant lean across all of them goes."""
@@ -112,7 +137,7 @@ def distill(
     on, started = run_on(model, device), time.perf_counter()
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+    opt = on.adam(model, config.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, config.steps))
     update = on.stepper(opt)
     if config.center_teacher:
@@ -164,6 +189,7 @@ def digest(
     consensus: np.ndarray,
     *,
     config: FedMDRoundConfig,
+    labels: np.ndarray | None = None,
     seed: int = 0,
     device: DeviceConfig | None = None,
 ) -> float:
@@ -171,17 +197,26 @@ def digest(
     the round's config says (`digest_loss`, `digest_epochs`, `digest_batch_size`, `lr`,
     `temperature`). Loss `mae` is the paper code's L1 loss on raw logits; `kl` is `kd_loss`
     at `temperature`. A consensus narrower than the model's head covers its leading outputs
-    (`FedMD`'s `consensus_classes`). Returns the mean loss of the last epoch."""
+    (`FedMD`'s `consensus_classes`).
+
+    `labels` (one per input, -1 where unknown) anchor the digest to the truth: on a labelled
+    input the loss is `(1 - w) * consensus loss + w * cross-entropy`, with
+    `w = config.digest_label_weight` (Hinton et al. 2015's mix of soft and hard targets;
+    `digest_loss`). Returns the mean loss of the last epoch."""
     loss, temperature = config.digest_loss, config.temperature
     if loss not in DIGEST_LOSSES:
         raise ValueError(f"digest loss must be one of {DIGEST_LOSSES}, got '{loss}'")
     if len(x) != len(consensus):
         raise ValueError(f"{len(x)} inputs but {len(consensus)} consensus logits")
+    if labels is not None and len(labels) != len(x):
+        raise ValueError(f"{len(x)} inputs but {len(labels)} labels")
+    weight = config.digest_label_weight if labels is not None else 0.0
     on, started, seen = run_on(model, device), time.perf_counter(), 0
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    update = on.stepper(torch.optim.Adam(model.parameters(), lr=config.lr))
+    update = on.stepper(on.adam(model, config.lr))
     xt, ct = torch.from_numpy(x), torch.from_numpy(np.asarray(consensus, np.float32))
+    yt = torch.from_numpy(np.asarray(labels if weight else np.full(len(x), -1), np.int64))
     last = float("nan")
     for _ in range(config.digest_epochs):
         model.train()
@@ -190,9 +225,7 @@ def digest(
             target = on.put(ct[idx])
             with on.autocast():
                 out = model(on.put(xt[idx]))[:, : ct.shape[1]]  # the outputs the consensus has
-                value = (
-                    F.l1_loss(out, target) if loss == "mae" else kd_loss(out, target, temperature)
-                )
+                value = digest_loss(out, target, loss, temperature, on.put(yt[idx]), weight)
             update(value)
             total, count = total + float(value.detach()) * len(idx), count + len(idx)
         last, seen = total / max(count, 1), seen + count

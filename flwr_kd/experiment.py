@@ -77,6 +77,7 @@ class ExperimentConfig:
     digest_batch_size: int = FedMDRoundConfig.digest_batch_size
     digest_loss: str = FedMDRoundConfig.digest_loss
     digest_temperature: float = FedMDRoundConfig.temperature
+    digest_label_weight: float = FedMDRoundConfig.digest_label_weight
     revisit_epochs: int = FedMDRoundConfig.revisit_epochs
     revisit_lr: float = FedMDRoundConfig.revisit_lr
     # Reliability: a round needs `min-replies` valid replies; `round-timeout` (seconds, 0:
@@ -245,6 +246,10 @@ class ExperimentConfig:
         for name in positive:
             if getattr(self, name) < (0 if name in ("distill_steps", "revisit_epochs") else 1):
                 raise ConfigError(f"{name.replace('_', '-')} must be positive")
+        if not 0 <= self.digest_label_weight <= 1:
+            raise ConfigError(
+                f"digest-label-weight must lie in [0, 1], got {self.digest_label_weight}"
+            )
         if not 0 < self.max_val_fraction <= 1:
             raise ConfigError(f"max-val-fraction must lie in (0, 1], got {self.max_val_fraction}")
         if not 0 < self.fraction_train <= 1:

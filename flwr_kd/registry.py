@@ -117,6 +117,7 @@ def build_fedmd(
         "temperature": cfg.digest_temperature,
         "digest_epochs": cfg.digest_epochs,
         "digest_batch_size": cfg.digest_batch_size,
+        "digest_label_weight": cfg.digest_label_weight,
     }
     private_training = {
         "finetune_epochs": cfg.finetune_epochs,

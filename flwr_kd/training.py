@@ -51,7 +51,7 @@ def train_supervised(
     on, started, seen = run_on(model, device), time.perf_counter(), 0
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    step = on.stepper(torch.optim.Adam(model.parameters(), lr=lr))
+    step = on.stepper(on.adam(model, lr))
     xt, yt = torch.from_numpy(x), torch.from_numpy(y).long()
     last = float("nan")
     for epoch in range(1, epochs + 1):

@@ -30,7 +30,7 @@ from flwr_kd.devices import (
 )
 from flwr_kd.experiment import ConfigError, ExperimentConfig
 from flwr_kd.fanout import ProcessFanOut, SerialFanOut, _init_worker
-from flwr_kd.models import ModelSpec, create_model
+from flwr_kd.models import ModelSpec, create_model, state_to_numpy
 from flwr_kd.runner import run_experiment
 from flwr_kd.tasks import LocalTrainTask, run_local_train_task
 from flwr_kd.training import predict_logits, train_supervised
@@ -248,3 +248,24 @@ def test_progress_bars_show_on_a_terminal_only(monkeypatch, capsys):
     monkeypatch.setattr(sys, "stderr", terminal)
     assert SerialFanOut().map_with_progress(abs, [-1, -2], "local-only baseline") == [1, 2]
     assert "local-only baseline" in terminal.getvalue()
+
+
+def test_the_cpu_runs_models_with_depthwise_convolutions_channels_last(no_gpu):
+    """Channels-last changes the strides, not the values: the same weights give the same
+    logits, and saved weights come back as plain C-ordered arrays."""
+    spec = ModelSpec(num_classes=10, in_chans=1, img_size=16)
+    x = np.random.default_rng(0).standard_normal((8, 1, 16, 16)).astype(np.float32)
+    for arch, depthwise in (("mobilenetv3_small_050", True), ("resnet10t", False)):
+        torch.manual_seed(0)
+        model, reference = create_model(arch, spec), create_model(arch, spec)
+        reference.load_state_dict(model.state_dict())
+        assert devices.has_depthwise_convolutions(model) is depthwise
+        stem, seen = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), []
+        stem.register_forward_hook(lambda _m, _i, out, seen=seen: seen.append(out.is_contiguous()))
+        logits = predict_logits(model, x, DeviceConfig(device="cpu"))
+        assert seen == [not depthwise]  # channels-last activations: not NCHW-contiguous
+        reference.eval()
+        with torch.no_grad():
+            expected = reference(torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
+        assert all(v.flags["C_CONTIGUOUS"] for v in state_to_numpy(model).values())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from flwr_kd.distill import (
@@ -287,3 +288,56 @@ def test_a_task_scores_and_digests_only_its_own_leading_outputs(digits):
     after = model[1].bias.detach()
     assert torch.equal(after[5:], before[5:])  # the public task's outputs got no gradient
     assert not torch.equal(after[:5], before[:5])
+
+
+def test_the_digest_mixes_in_the_public_labels_it_is_given(digits):
+    """With `digest_label_weight`, the digest's loss is part cross-entropy on the labelled
+    inputs: a wrong consensus is overruled by the labels, and inputs labelled -1 (not among
+    the consensus's classes) contribute nothing."""
+    from flwr_kd.configs import FedMDRoundConfig
+    from flwr_kd.distill import digest
+
+    x, y = digits.public_x[:256], digits.public_y[:256]
+    wrong = _one_hot_logits((y + 1) % 10, 10, scale=5.0)  # a consensus that is always wrong
+
+    def digested(weight: float, labels: np.ndarray | None) -> nn.Module:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(256, 10))
+        config = FedMDRoundConfig(
+            phase="round", subset_round=1, state_uri="x", digest_epochs=20,
+            digest_label_weight=weight,
+        )  # fmt: skip
+        digest(model, x, wrong, config=config, labels=labels, seed=0)
+        return model
+
+    def accuracy(model: nn.Module) -> float:
+        return evaluate(model, x, y)[1]
+
+    assert accuracy(digested(0.0, y)) < 0.1  # weight 0: the consensus alone, labels unused
+    assert accuracy(digested(0.9, None)) < 0.1  # no labels sent: the consensus alone
+    assert accuracy(digested(0.9, y)) > 0.9  # the labels outweigh the wrong consensus
+
+    unknown = np.full(len(y), -1)  # no label among the consensus's classes: the paper's digest
+    assert _states_equal(digested(0.9, unknown).state_dict(), digested(0.0, y).state_dict())
+    with pytest.raises(ValueError, match="256 inputs but 3 labels"):
+        digest(digested(0.0, None), x, wrong, config=FedMDRoundConfig(), labels=y[:3])
+
+
+@pytest.mark.parametrize("loss", ["kl", "mae"])
+def test_digest_loss_mixes_labels_in_only_where_they_are_known(loss):
+    from flwr_kd.distill import digest_loss
+
+    torch.manual_seed(0)
+    out, target = torch.randn(6, 4), torch.randn(6, 4)
+    labels = torch.tensor([0, -1, 3, -1, 2, 1])
+    plain = digest_loss(out, target, loss, 2.0)
+    assert plain == (F.l1_loss(out, target) if loss == "mae" else kd_loss(out, target, 2.0))
+    per_sample = torch.stack(
+        [digest_loss(out[i : i + 1], target[i : i + 1], loss, 2.0) for i in range(6)]
+    )
+    hard = F.cross_entropy(out, labels.clamp(min=0), reduction="none")
+    share = 0.25 * (labels >= 0).float()
+    expected = ((1 - share) * per_sample + share * hard).mean()
+    torch.testing.assert_close(digest_loss(out, target, loss, 2.0, labels, 0.25), expected)
+    assert digest_loss(out, target, loss, 2.0, torch.full((6,), -1), 0.25) == plain
+    assert digest_loss(out, target, loss, 2.0, labels, 0.0) == plain

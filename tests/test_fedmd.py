@@ -191,7 +191,10 @@ def test_consensus_is_the_float32_mean_of_the_replies_logits(tmp_path):
         np.testing.assert_array_equal(got["logits"].numpy(), previous["logits"].numpy())
 
     for r, (round_replies, record) in rounds.items():
-        assert sorted(record) == ["indices", "logits"]
+        assert sorted(record) == ["indices", "labels", "logits"]  # digest-label-weight 0.5
+        np.testing.assert_array_equal(
+            record["labels"].numpy(), strategy.public_y[strategy.subset(r + 1)]
+        )
         assert len(round_replies) == n and not any(m.has_error() for m in round_replies)
         np.testing.assert_array_equal(record["indices"].numpy(), strategy.subset(r + 1))
         for msg in sent[r * n : (r + 1) * n]:  # the clients were asked for the same subset
@@ -252,6 +255,32 @@ def test_a_public_set_of_another_task_gets_a_centred_consensus_of_the_private_ou
     np.testing.assert_allclose(got, mean - mean.mean(axis=0), atol=1e-5)
     np.testing.assert_allclose(got.mean(axis=0), np.zeros(task), atol=1e-5)  # no class favoured
     assert np.ptp(got, axis=0).min() > 0  # how the samples differ is kept
+
+
+def test_a_digest_with_label_weight_gets_the_subsets_labels_among_the_consensus_classes(
+    tmp_path, monkeypatch
+):
+    n, task = 4, 6
+    data, grid, strategy, config = _federation(
+        tmp_path, n, consensus_classes=task, digest_label_weight=0.5
+    )
+    digested = []  # what each client's digest got
+    real = handlers.digest
+    monkeypatch.setattr(handlers, "digest", lambda *a, **kw: digested.append(kw) or real(*a, **kw))
+    consensus = strategy.init_phase(grid, _initial(data.model_spec), config, timeout=60)
+    truth = data.public_y[strategy.subset(1)]
+    expected = np.where(truth < task, truth, -1)
+    assert (expected == -1).any() and (expected >= 0).any()
+    np.testing.assert_array_equal(consensus["labels"].numpy(), expected)
+    _, _, metrics = _round(strategy, grid, 1, consensus, config)
+    assert metrics["replies"] == n
+    assert len(digested) == n
+    for kw in digested:
+        assert kw["config"].digest_label_weight == 0.5
+        np.testing.assert_array_equal(kw["labels"], expected)
+
+    plain = _fedmd(data, tmp_path / "plain", n, digest_label_weight=0.0)  # no labels sent
+    assert "labels" not in plain.init_phase(grid, _initial(data.model_spec), config, timeout=60)
 
 
 @pytest.mark.parametrize(("public_classes_from", "centred"), [(0, False), (6, True)])
@@ -717,12 +746,12 @@ def test_fedmd_start_two_rounds(tmp_path):
     )
 
     assert isinstance(result, Result)
-    assert sorted(result.arrays) == ["indices", "logits"]
+    assert sorted(result.arrays) == ["indices", "labels", "logits"]
     np.testing.assert_array_equal(result.arrays["indices"].numpy(), strategy.subset(3))
     logits = result.arrays["logits"].numpy()
     assert logits.shape == (SUBSET, NUM_CLASSES) and logits.dtype == np.float32
     assert np.isfinite(logits).all()
-    assert seen == [(r, ["indices", "logits"]) for r in range(3)]
+    assert seen == [(r, ["indices", "labels", "logits"]) for r in range(3)]
     assert sorted(result.train_metrics_clientapp) == [1, 2]
     for r in (1, 2):
         assert result.train_metrics_clientapp[r]["replies"] == n
@@ -835,5 +864,8 @@ def test_fedmd_rejects_bad_options(tmp_path):
         _fedmd(data, tmp_path, 2, logits_dtype="int8")
     with pytest.raises(ValueError, match="min_replies must be at least 1"):
         _fedmd(data, tmp_path, 2, min_replies=0)
+    for weight in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="digest_label_weight must lie in"):
+            _fedmd(data, tmp_path, 2, digest_label_weight=weight)
     for loss in ("kl", "mae"):
         assert _fedmd(data, tmp_path, 2, digest_loss=loss).round_config.digest_loss == loss

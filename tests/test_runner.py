@@ -10,6 +10,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, MetricRecord
 from flwr.serverapp.strategy import Strategy
 
+from flwr_kd.configs import FedMDRoundConfig
 from flwr_kd.experiment import STRATEGIES, ConfigError, ExperimentConfig
 from flwr_kd.registry import STRATEGY_REGISTRY
 from flwr_kd.strategy.wrappers import RoundCheckpoint, RoundOffset
@@ -153,6 +154,14 @@ def test_the_server_validation_set_is_capped_to_a_share_of_the_private_pool():
     for bad in (0, 1.5):
         with pytest.raises(ConfigError, match="max-val-fraction must lie in"):
             ExperimentConfig.from_run_config({"max-val-fraction": bad})
+
+
+def test_digest_label_weight_is_a_share_between_0_and_1():
+    assert ExperimentConfig().digest_label_weight == FedMDRoundConfig.digest_label_weight
+    assert ExperimentConfig.from_run_config({"digest-label-weight": 1}).digest_label_weight == 1
+    for bad in (-0.5, 2):
+        with pytest.raises(ConfigError, match="digest-label-weight must lie in"):
+            ExperimentConfig.from_run_config({"digest-label-weight": bad})
 
 
 @pytest.mark.parametrize("value, centred", [(True, True), ("true", True), ("false", False)])

@@ -198,6 +198,7 @@ class KDClient:
                 public,
                 consensus["logits"].numpy(),
                 config=settings,
+                labels=consensus["labels"].numpy() if "labels" in consensus else None,
                 seed=seed,
                 device=device,
             )

@@ -57,16 +57,28 @@ def check_logits_reply(
 
 
 def average(
-    subset: np.ndarray, valid: list[LogitsReply], classes: int = 0, center: bool = False
+    subset: np.ndarray,
+    valid: list[LogitsReply],
+    classes: int = 0,
+    center: bool = False,
+    labels: np.ndarray | None = None,
 ) -> ArrayRecord:
     """The averaged logits on public `subset`, with its indices: what the next round digests.
     `classes` > 0 keeps the leading outputs only (the private task's, see `FedMD`); `center`
-    subtracts each class's mean over the subset, keeping only how the samples differ."""
+    subtracts each class's mean over the subset, keeping only how the samples differ.
+    `labels` (the subset's public labels) go along as "labels", -1 where a label is not one of
+    the consensus's classes (none at all if no label is): the digest's anchor (`FedMD`'s
+    `digest_label_weight`)."""
     consensus = average_logits([r.logits for r in valid])
     consensus = consensus[:, :classes] if classes else consensus
     if center:
         consensus = center_per_class(consensus)
-    return ArrayRecord({"indices": Array(subset), "logits": Array(consensus)})
+    record = {"indices": Array(subset), "logits": Array(consensus)}
+    if labels is not None:
+        labels = np.asarray(labels, np.int64)
+        if (labels < consensus.shape[1]).any():
+            record["labels"] = Array(np.where(labels < consensus.shape[1], labels, -1))
+    return ArrayRecord(record)
 
 
 def mean_accuracy(valid: list[LogitsReply]) -> dict[str, float]:

@@ -83,6 +83,11 @@ class FedMD(KDStrategy):
         Adam learning rate of every client step.
     temperature : float (default: 3.0)
         Softmax temperature of the "kl" digest loss.
+    digest_label_weight : float (default: 0.5)
+        Share of cross-entropy on the public labels in the digest loss (0: the paper's digest,
+        the consensus alone; why 0.5: `FedMDRoundConfig`). The consensus then carries its
+        subset's labels, -1 where a label is not among the consensus's classes (a public set
+        of another task has none there, and gets the paper's digest).
     finetune_epochs : int (default: 20)
         Most epochs of private fine-tuning after transfer learning (the init phase).
     finetune_patience : int (default: 3)
@@ -138,6 +143,7 @@ class FedMD(KDStrategy):
         batch_size: int = FedMDRoundConfig.batch_size,
         lr: float = FedMDRoundConfig.lr,
         temperature: float = FedMDRoundConfig.temperature,
+        digest_label_weight: float = FedMDRoundConfig.digest_label_weight,
         finetune_epochs: int = FedMDRoundConfig.finetune_epochs,
         finetune_patience: int = FedMDRoundConfig.finetune_patience,
         pretrain: PretrainConfig | None = None,
@@ -156,6 +162,8 @@ class FedMD(KDStrategy):
         check_choice("digest_loss", digest_loss, DIGEST_LOSSES)
         check_choice("logits_dtype", logits_dtype, LOGITS_DTYPES)
         check_min_replies(min_replies)
+        if not 0 <= digest_label_weight <= 1:
+            raise ValueError(f"digest_label_weight must lie in [0, 1], got {digest_label_weight}")
         self.public_x, self.public_y, self.val_x, self.val_y = public_x, public_y, val_x, val_y
         self.model_spec = model_spec
         self.state_uri = state_uri
@@ -167,6 +175,7 @@ class FedMD(KDStrategy):
             digest_epochs=digest_epochs,
             digest_batch_size=digest_batch_size,
             temperature=temperature,
+            digest_label_weight=digest_label_weight,
             revisit_epochs=revisit_epochs,
             revisit_lr=revisit_lr,
             finetune_epochs=finetune_epochs,
@@ -292,8 +301,10 @@ class FedMD(KDStrategy):
         )
         stats.client_compute = [consensus.compute_seconds(r) for r in valid]
         require_replies(server_round, len(valid), self.min_replies, stats, FedMDError)
+        subset = self.subset(server_round + 1)
+        labels = self.public_y[subset] if self.round_config.digest_label_weight else None
         record = consensus.average(
-            self.subset(server_round + 1), valid, self.consensus_classes, self.center_consensus
+            subset, valid, self.consensus_classes, self.center_consensus, labels
         )
         accuracy = self.accuracy[server_round] = consensus.mean_accuracy(valid)
         return record, consensus.round_metrics(server_round, valid, stats, accuracy)
