@@ -250,6 +250,44 @@ def _config_lines(name: str, config: dict, bounds: dict) -> list[str]:
     return lines
 
 
+def cpu_kernel_lines(kernels: dict) -> list[str]:
+    """'A training step on one CPU thread' (cpu_kernels.json), or nothing without it."""
+    if not kernels:
+        return []
+    lines = [
+        "",
+        "## A training step on one CPU thread (`benchmarks/cpu_kernels.py`)",
+        "",
+        (
+            f"ms per step (forward, backward, Adam) at {kernels['img_size']}x"
+            f"{kernels['img_size']}, median of interleaved blocks: Adam's per-parameter loop "
+            "with NCHW activations (flwr-kd before December 2026), Adam's fused kernel, and "
+            "what flwr-kd runs (`flwr_kd.devices.run_on`: the fused kernel, channels-last "
+            "activations for models with depthwise convolutions). All architectures together: "
+            + ", ".join(
+                f"batch {k.rsplit('_b', 1)[1]} **{v}x**"
+                for k, v in kernels.items()
+                if k.startswith("cpu_step_speedup_b")
+            )
+            + " faster than the loop; the fused kernel alone: "
+            + ", ".join(
+                f"{v}x" for k, v in kernels.items() if k.startswith("cpu_step_speedup_fused")
+            )
+            + "."
+        ),
+        "",
+        "| architecture | batch | Adam loop, NCHW | fused, NCHW | flwr-kd |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for arch, by_batch in kernels["ms_per_step"].items():
+        for batch, t in by_batch.items():
+            lines.append(
+                f"| {arch} | {batch.removeprefix('batch')} | {t['adam_nchw']} "
+                f"| {t['fused_nchw']} | {t['flwr_kd']} |"
+            )
+    return lines
+
+
 def write(mode: str) -> Path:
     out = ROOT / "benchmarks" / "results" / mode
     summary, evidence, timing = load(out, "summary"), load(out, "evidence"), load(out, "timing")
@@ -315,6 +353,7 @@ def write(mode: str) -> Path:
                 f"| {r['client_critical_path']} | {r['fedavg']} | {r['distill_critical_path']} "
                 f"| {r['evaluation']} | {r['critical_path']} | {r['overhead']} |"
             )
+    lines += cpu_kernel_lines(load(out, "cpu_kernels"))
     client = load(out, "client_round")
     if client:
         lines += [

@@ -81,7 +81,7 @@ def _c(*pairs: str) -> list[str]:
 
 #: Quick mode's sections: the emulated serverless stack and its soak are `make test`'s too,
 #: and the scale runs have one fixed config (benchmarks/scale.py), so full mode measures those.
-QUICK_SECTIONS = "evidence,client_round,communication,aggregation,pretrain"
+QUICK_SECTIONS = "evidence,client_round,communication,aggregation,pretrain,cpu_kernels"
 MODES = {
     "quick": {
         "dataset": "digits",
@@ -803,6 +803,11 @@ def main() -> None:
         summary.update({k: v for k, v in agg.items() if k.startswith("aggregation_speedup_n")})
     if "pretrain" in sections:
         summary["pretrain_speedup"] = pretrain_section(mode, out)["pretrain_speedup"]
+    if "cpu_kernels" in sections:  # benchmarks/cpu_kernels.py: a training step, three ways
+        from cpu_kernels import cpu_kernels_section
+
+        kernels = cpu_kernels_section(mode, out)
+        summary.update({k: v for k, v in kernels.items() if k.startswith("cpu_step_speedup")})
     if "serverless" in sections:
         serverless_section(mode, out)
     if "soak" in sections:

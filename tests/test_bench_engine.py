@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import torch
 from benchmark_modules import BENCHMARKS, load_benchmark
 
 SIMULATE = [
@@ -81,3 +82,21 @@ def test_teachers_centred_and_label_weighted_against_the_plain_average():
     # class 2 comes from client 0 alone; classes 0 and 1 from both, equally
     np.testing.assert_allclose(t["label_weighted"][:, 2], logits[0, :, 2])
     np.testing.assert_allclose(t["label_weighted"][:, :2], logits[:, :, :2].mean(axis=0))
+
+
+def test_cpu_kernels_times_the_three_ways_side_by_side_and_restores_the_threads(monkeypatch):
+    cpu_kernels = load_benchmark("cpu_kernels")
+    torch.set_num_threads(2)
+    picked = []  # the flwr_kd variant is whatever run_on makes of the model
+    real_run_on = cpu_kernels.run_on
+    monkeypatch.setattr(
+        cpu_kernels,
+        "run_on",
+        lambda model, config: picked.append(config) or real_run_on(model, config),
+    )
+    result = cpu_kernels.measure(["test_vit"], 16, batches=(4,), blocks=2, steps=1)
+    assert torch.get_num_threads() == 2
+    assert [c.device for c in picked] == ["cpu"]
+    times = result["ms_per_step"]["test_vit"]["batch4"]
+    assert sorted(times) == sorted(cpu_kernels.VARIANTS) and min(times.values()) > 0
+    assert result["cpu_step_speedup_b4"] == round(times["adam_nchw"] / times["flwr_kd"], 3)
