@@ -821,6 +821,8 @@ def main() -> None:
         scale = scale_section(ROOT / "benchmarks" / "results" / "scale")  # one place, any mode
         summary.update({k: v for k, v in scale.items() if k.startswith("scale_")})
     whole = set(sections) >= {"evidence", "aggregation", "pretrain"}
+    if whole:  # one time for the whole run: earlier runs' section times no longer apply
+        summary = {k: v for k, v in summary.items() if not k.startswith("seconds_")}
     if not whole and "evidence" in sections:
         summary.pop("seconds", None)  # an earlier whole run's time no longer fits the figures
     summary["seconds" if whole else f"seconds_{'_'.join(sections)}"] = round(
