@@ -31,11 +31,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from flwr_kd.configs import DeviceConfig
+from flwr_kd.data import DataSpec, load_federated
 from flwr_kd.devices import run_on
 from flwr_kd.models import ModelSpec, create_model
 
 VARIANTS = ("adam_nchw", "fused_nchw", "flwr_kd")
-IMAGE_SIZE = {"digits": 16, "fashion-mnist": 28}
 
 
 def _step_fn(arch: str, spec: ModelSpec, batch: int, variant: str):
@@ -62,12 +62,11 @@ def _step_fn(arch: str, spec: ModelSpec, batch: int, variant: str):
     return step
 
 
-def measure(archs: list[str], img_size: int, batches=(16, 64), blocks=5, steps=5) -> dict:
+def measure(archs: list[str], spec: ModelSpec, batches=(16, 64), blocks=5, steps=5) -> dict:
     """ms per step per architecture, batch size and variant, and the speed-ups over them."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        spec = ModelSpec(num_classes=10, in_chans=1, img_size=img_size)
         per_arch: dict = {}
         for arch in archs:
             for batch in batches:
@@ -84,7 +83,7 @@ def measure(archs: list[str], img_size: int, batches=(16, 64), blocks=5, steps=5
                 }
     finally:
         torch.set_num_threads(threads)
-    result: dict = {"img_size": img_size, "threads": 1, "ms_per_step": per_arch}
+    result: dict = {"img_size": spec.img_size, "threads": 1, "ms_per_step": per_arch}
     for batch in batches:
         key = f"batch{batch}"
         total = {v: sum(per_arch[a][key][v] for a in archs) for v in VARIANTS}
@@ -96,8 +95,9 @@ def measure(archs: list[str], img_size: int, batches=(16, 64), blocks=5, steps=5
 
 
 def cpu_kernels_section(mode: dict, out: Path) -> dict:
-    """`measure` for `mode`'s architectures and image size, saved as cpu_kernels.json."""
-    result = measure(mode["archs"].split(","), IMAGE_SIZE.get(mode["dataset"], 28))
+    """`measure` for `mode`'s architectures and dataset, saved as cpu_kernels.json."""
+    spec = load_federated(DataSpec(dataset=mode["dataset"], num_partitions=2)).model_spec
+    result = measure(mode["archs"].split(","), spec)
     (out / "cpu_kernels.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 

@@ -23,21 +23,22 @@ from flwr_kd.training import batches, predict_logits
 
 
 def kd_loss(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float,
+    per_sample: bool = False,
 ) -> torch.Tensor:
     """KL(teacher || student) of temperature-softened distributions, scaled by T^2 so that
-    gradients keep their magnitude across temperatures (Hinton et al. 2015)."""
+    gradients keep their magnitude across temperatures (Hinton et al. 2015): the batch's mean,
+    or with `per_sample` one value per row."""
     t = temperature
-    return (
-        F.kl_div(
-            F.log_softmax(student_logits / t, dim=1),
-            F.log_softmax(teacher_logits / t, dim=1),
-            reduction="batchmean",
-            log_target=True,
-        )
-        * t
-        * t
+    divergence = F.kl_div(
+        F.log_softmax(student_logits / t, dim=1),
+        F.log_softmax(teacher_logits / t, dim=1),
+        reduction="none" if per_sample else "batchmean",
+        log_target=True,
     )
+    return (divergence.sum(dim=1) if per_sample else divergence) * t * t
 
 
 def average_logits(logits: list[np.ndarray], weights: list[float] | None = None) -> np.ndarray:
@@ -68,9 +69,7 @@ def digest_loss(
     if loss == "mae":
         per_sample = (out - target).abs().mean(dim=1)
     else:
-        t = temperature
-        soft = F.log_softmax(out / t, dim=1), F.log_softmax(target / t, dim=1)
-        per_sample = F.kl_div(*soft, reduction="none", log_target=True).sum(dim=1) * t * t
+        per_sample = kd_loss(out, target, temperature, per_sample=True)
     hard = F.cross_entropy(out, labels.clamp(min=0), reduction="none")
     share = label_weight * known.to(out.dtype)
     return ((1 - share) * per_sample + share * hard).mean()
@@ -216,7 +215,7 @@ def digest(
     rng = np.random.default_rng(seed)
     update = on.stepper(on.adam(model, config.lr))
     xt, ct = torch.from_numpy(x), torch.from_numpy(np.asarray(consensus, np.float32))
-    yt = torch.from_numpy(np.asarray(labels if weight else np.full(len(x), -1), np.int64))
+    yt = torch.from_numpy(np.asarray(labels, np.int64)) if weight else None
     last = float("nan")
     for _ in range(config.digest_epochs):
         model.train()
@@ -225,7 +224,8 @@ def digest(
             target = on.put(ct[idx])
             with on.autocast():
                 out = model(on.put(xt[idx]))[:, : ct.shape[1]]  # the outputs the consensus has
-                value = digest_loss(out, target, loss, temperature, on.put(yt[idx]), weight)
+                known = None if yt is None else on.put(yt[idx])
+                value = digest_loss(out, target, loss, temperature, known, weight)
             update(value)
             total, count = total + float(value.detach()) * len(idx), count + len(idx)
         last, seen = total / max(count, 1), seen + count

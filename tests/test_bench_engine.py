@@ -94,7 +94,8 @@ def test_cpu_kernels_times_the_three_ways_side_by_side_and_restores_the_threads(
         "run_on",
         lambda model, config: picked.append(config) or real_run_on(model, config),
     )
-    result = cpu_kernels.measure(["test_vit"], 16, batches=(4,), blocks=2, steps=1)
+    spec = cpu_kernels.ModelSpec(num_classes=10, in_chans=1, img_size=16)
+    result = cpu_kernels.measure(["test_vit"], spec, batches=(4,), blocks=2, steps=1)
     assert torch.get_num_threads() == 2
     assert [c.device for c in picked] == ["cpu"]
     times = result["ms_per_step"]["test_vit"]["batch4"]
