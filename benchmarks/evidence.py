@@ -20,6 +20,7 @@ import json
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -268,44 +269,75 @@ def centralized_bounds(mode: dict, seeds: list[int], out: Path, code: str) -> di
 # ---------------------------------------------------------------------------- the study
 
 
-def evidence_section(mode: dict, out: Path) -> dict:
+def float32_logits_run(mode: dict) -> dict[str, list[str]]:
+    """The communication section's one run besides the study's: COST_CONFIG's FedDF, seed 0,
+    with float32 logits ({its folder under runs/: its arguments}). `evidence_section` runs it
+    on the study's workers (`extra_runs`), where it costs a share of their time, not a wait of
+    its own."""
+    args = study_args(mode, COST_CONFIG, "feddf", 0, "--logits-dtype", "float32")
+    return {f"feddf-float32-{COST_CONFIG}": args}
+
+
+def evidence_section(
+    mode: dict,
+    out: Path,
+    extra_runs: dict[str, list[str]] | None = None,
+    after_runs: Callable[[], None] | None = None,
+) -> dict:
     """Run (or reuse) every configuration x method x seed and the centralized bounds; write
-    evidence.json and evidence.png; return the headline keys for summary.json."""
+    evidence.json and evidence.png; return the headline keys for summary.json.
+
+    `extra_runs` ({folder under runs/: arguments}) run on the same workers after seed 0's, and
+    are stored (and reused) like the study's. `after_runs` is called once the runs are done,
+    before the bounds train: where a caller starts work that mostly waits (the soak)."""
     seeds = list(range(mode["seeds"]))
     code = code_fingerprint()
     study = mode["study"]
     # seed by seed: an interrupted study (resumed from the stored runs) has whole seeds
-    runs = [
-        (name, method, seed)
+    jobs: list[tuple] = [
+        (
+            (name, method, seed),
+            study_args(mode, name, method, seed),
+            run_dir(out, name, method, seed),
+        )
         for seed in seeds
         for name in study
         for method in study[name]["methods"]
     ]
-    progress = Progress(len(runs))
+    first_seed = sum(len(config["methods"]) for config in study.values())
+    jobs[first_seed:first_seed] = [
+        (name, args, out / "runs" / name) for name, args in (extra_runs or {}).items()
+    ]
+    progress = Progress(len(jobs))
     engine, workers = mode.get("engine", "ray"), mode.get("workers", 1)
     threads = max(1, CORES // workers) if workers > 1 else 0
 
-    made_by: dict[str, list[str]] = {}  # fingerprint -> the runs it made
+    made_by: dict[str, list[str]] = {}  # fingerprint -> the study's runs it made
 
-    def one(run: tuple[str, str, int]) -> dict:
-        name, method, seed = run
+    def one(job: tuple) -> dict:
+        run, args, run_out = job
         result, reused = cached_run(
-            study_args(mode, name, method, seed),
-            run_dir(out, name, method, seed),
+            args,
+            run_out,
             code,
             memory=run == (COST_CONFIG, "feddf", 0),
             engine=engine,
             threads=threads,
             reuse_codes=tuple(mode.get("reuse_codes", ())),
         )
-        made_by.setdefault(reused or code, []).append(f"{name}/{method}/seed{seed}")
-        progress.line(
-            f"{name}/{method} seed {seed}", mean_final(result), result.get("wall_seconds"), reused
-        )
+        label = run
+        if isinstance(run, tuple):
+            name, method, seed = run
+            label = f"{name}/{method} seed {seed}"
+            made_by.setdefault(reused or code, []).append(f"{name}/{method}/seed{seed}")
+        progress.line(label, mean_final(result), result.get("wall_seconds"), reused)
         return result
 
     with ThreadPoolExecutor(workers) as pool:  # each run is a subprocess: threads only wait
-        results = dict(zip(runs, pool.map(one, runs)))
+        done = list(pool.map(one, jobs))
+    results = {job[0]: r for job, r in zip(jobs, done) if isinstance(job[0], tuple)}
+    if after_runs is not None:
+        after_runs()
     centralized = centralized_bounds(mode, seeds, out, code) if mode.get("bounds", True) else {}
     evidence = build_evidence(mode, seeds, results, centralized)
     evidence["memory"] = {"run": f"{COST_CONFIG}/feddf seed 0", **study_memory(out)}

@@ -489,7 +489,9 @@ def write(mode: str) -> Path:
             "",
             (
                 f"`{soak['command']}`: {soak['rounds_done']} of {soak['rounds']} rounds done in "
-                f"{soak['seconds']} s. Faults injected into {rel['injected_total']} of "
+                f"{soak['seconds']} s"
+                f"{' (beside ' + soak['beside'] + ')' if soak.get('beside') else ''}. "
+                f"Faults injected into {rel['injected_total']} of "
                 f"{rel['attempts']} call attempts ({rel['injected']}); "
                 f"{rel['retried_calls']} calls retried, {rel['taken_over']} taken over after their "
                 f"process died, {rel['left_out']} replies left out (valid replies per round: min "

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -118,7 +119,11 @@ MODES = {
         "clients": 10,
         "seeds": 3,
         "rounds": 5,
-        "archs": "resnet10t,mobilenetv3_small_050,test_vit",
+        # flwr-kd's default zoo with timm's small ResNet (test_resnet, 0.37M parameters) in
+        # place of resnet10t (4.9M): resnet10t was about two thirds of the study's and the
+        # bounds' compute (a training step 4x test_resnet's on one thread), and make bench's
+        # 60 minutes on 2 cores do not hold it (docs/evidence-lab.md, "What it costs")
+        "archs": "test_resnet,mobilenetv3_small_050,test_vit",
         # Where distillation pays (paired lab sweep, 3 seeds, docs/evidence-lab.md): clients
         # train flwr-kd's default 5 local epochs, FedDF distils 200 steps, FedMD digests 3
         # epochs. At 2 local epochs, 60 steps and 1 digest epoch every method stayed near its
@@ -525,7 +530,7 @@ def communication_section(mode: dict, out: Path) -> dict:
         FEDMD_FALLBACK_CONFIG,
         cached_run,
         code_fingerprint,
-        study_args,
+        float32_logits_run,
         study_result,
     )
 
@@ -547,12 +552,9 @@ def communication_section(mode: dict, out: Path) -> dict:
             ),
             "up_per_client": int(np.mean([x["bytes"]["up"] / max(1, x["replies"]) for x in rows])),
         }
-    args = study_args(mode, COST_CONFIG, "feddf", 0, "--logits-dtype", "float32")
-    f32, _ = cached_run(  # on the study's engine, as the float16 run it is compared with
-        args,
-        out / "runs" / f"feddf-float32-{COST_CONFIG}",
-        code_fingerprint(),
-        engine=mode.get("engine", "ray"),
+    [(folder, args)] = float32_logits_run(mode).items()
+    f32, _ = cached_run(  # made beside the study's runs, on their engine, when it ran
+        args, out / "runs" / folder, code_fingerprint(), engine=mode.get("engine", "ray")
     )
     f16 = runs["feddf"]
     data_out = {
@@ -630,10 +632,11 @@ def serverless_section(mode: dict, out: Path) -> dict:
     return results
 
 
-def soak_section(mode: dict, out: Path) -> dict:
+def soak_section(mode: dict, out: Path, beside: str = "") -> dict:
     """Many tiny FedDF rounds on the emulated stack with 30% of client calls failing (every
     failure kind); afterwards the run's records must be complete (`flwr-kd cloud audit`) and
-    the final models must load and evaluate."""
+    the final models must load and evaluate. `beside` names the work it shared the cores with,
+    if any (its `seconds` then include that share)."""
     from flwr_kd.cli import _parser, config_from_args
     from flwr_kd.data import load_federated
     from flwr_kd.records import state_to_record
@@ -700,6 +703,7 @@ def soak_section(mode: dict, out: Path) -> dict:
         "rounds": rounds,
         "rounds_done": len(result["rounds"]),
         "seconds": round(seconds, 1),
+        **({"beside": beside} if beside else {}),
         "reliability": rel,
         "replies_per_round": [row["replies"] for row in result["rounds"]],
         "left_out": [
@@ -776,12 +780,31 @@ def main() -> None:
         "mode": args.mode,
         "cores": CORES,
     }
+    beside = ThreadPoolExecutor(1)  # the soak, while the study's bounds train
+    soak_started: list[Future] = []
     if "evidence" in sections:
-        from evidence import COST_CONFIG, evidence_section, study_memory, study_result
+        from evidence import (
+            COST_CONFIG,
+            evidence_section,
+            float32_logits_run,
+            study_memory,
+            study_result,
+        )
+
+        def soak_beside_bounds() -> None:
+            """The soak mostly waits on its emulators, functions and injected hangs, and no
+            figure of it is a timing: it runs while the bounds train, not after them."""
+            if "soak" in sections:
+                soak_started.append(
+                    beside.submit(soak_section, mode, out, "the centralized bounds")
+                )
 
         for key in OBSOLETE_KEYS:
             summary.pop(key, None)
-        summary.update(evidence_section(mode, out))
+        extra = float32_logits_run(mode) if "communication" in sections else {}
+        summary.update(evidence_section(mode, out, extra, soak_beside_bounds))
+        for future in soak_started:  # done before the sections whose figures are timings
+            future.result()
         timing = timing_section(
             study_result(out, COST_CONFIG, "feddf"), f"{COST_CONFIG}/feddf seed 0", out
         )
@@ -811,10 +834,11 @@ def main() -> None:
     if "serverless" in sections:
         serverless_section(mode, out)
     if "soak" in sections:
-        soak = soak_section(mode, out)
+        soak = soak_started[0].result() if soak_started else soak_section(mode, out)
         summary["soak_rounds_done"] = f"{soak['rounds_done']}/{soak['rounds']}"
         summary["soak_faults_injected"] = soak["reliability"]["injected_total"]
         summary["soak_audit_problems"] = len(soak["audit_problems"])
+    beside.shutdown()
     if "scale" in sections:  # benchmarks/scale.py: its own fixed config, in any mode
         from scale import scale_section
 

@@ -58,6 +58,41 @@ def _tiny_mode(run) -> dict:
     return dict(run.MODES["quick"], clients=2, archs="test_vit", extra=extra)
 
 
+def test_the_float32_run_shares_the_study_workers_and_the_soak_starts_before_the_bounds(
+    tmp_path, monkeypatch
+):
+    """make bench's scheduling: the communication section's float32-logits run is one more job
+    on the study's workers, stored so that the section reuses it, and `after_runs` (where the
+    soak starts) comes after every run and before the bounds train."""
+    evidence, run = load_benchmark("evidence"), load_benchmark("run")
+    study = {"alpha0.1": run.MODES["quick"]["study"]["alpha0.1"]}
+    study["alpha0.1"] = {**study["alpha0.1"], "methods": {"feddf": ["feddf"], "fedavg": ["fedavg"]}}
+    mode = dict(
+        _tiny_mode(run), seeds=1, rounds=1, engine="inprocess", workers=2, study=study, bounds=True
+    )
+    events = []
+    monkeypatch.setattr(evidence, "centralized_bounds", lambda *args: events.append("bounds") or {})
+    [(folder, args)] = evidence.float32_logits_run(mode).items()
+    stored = tmp_path / "runs" / folder / "result.json"
+
+    def after_runs():
+        runs = [evidence.run_dir(tmp_path, "alpha0.1", m, 0) for m in ("feddf", "fedavg")]
+        events.append(
+            ("after_runs", stored.exists(), all((r / "result.json").exists() for r in runs))
+        )
+
+    summary = evidence.evidence_section(mode, tmp_path, {folder: args}, after_runs)
+    assert events == [("after_runs", True, True), "bounds"]
+    assert summary["seeds"] == 1
+    result = json.loads(stored.read_text())
+    assert result["config"]["logits-dtype"] == "float32" and result["config"]["seed"] == 0
+    code = evidence.code_fingerprint()
+    _, reused = evidence.cached_run(args, stored.parent, code, engine="inprocess")
+    assert reused == code  # the communication section finds it made, not a run to wait for
+    study_runs = json.loads((tmp_path / "evidence.json").read_text())["configs"]["alpha0.1"]
+    assert sorted(study_runs["methods"]) == ["fedavg", "feddf"]  # the extra run is no method
+
+
 def test_client_round_times_the_same_clients_training_with_and_without_logits(tmp_path):
     run = load_benchmark("run")
     result = run.client_round_section(_tiny_mode(run), tmp_path, repeats=1)
