@@ -1,5 +1,6 @@
 """Why flwr-kd trains the way it does on a CPU: one training step of each architecture of a
-benchmark mode, on one thread, side by side in one process.
+benchmark mode (and of flwr-kd's default zoo, which the study's smaller ResNet stands in for),
+on one thread, side by side in one process.
 
     python benchmarks/cpu_kernels.py            # full mode's architectures at 28x28
     python benchmarks/run.py --mode full --sections cpu_kernels
@@ -33,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 from flwr_kd.configs import DeviceConfig
 from flwr_kd.data import DataSpec, load_federated
 from flwr_kd.devices import run_on
-from flwr_kd.models import ModelSpec, create_model
+from flwr_kd.models import DEFAULT_ARCHITECTURES, ModelSpec, create_model
 
 VARIANTS = ("adam_nchw", "fused_nchw", "flwr_kd")
 
@@ -62,13 +63,16 @@ def _step_fn(arch: str, spec: ModelSpec, batch: int, variant: str):
     return step
 
 
-def measure(archs: list[str], spec: ModelSpec, batches=(16, 64), blocks=5, steps=5) -> dict:
-    """ms per step per architecture, batch size and variant, and the speed-ups over them."""
+def measure(
+    archs: list[str], spec: ModelSpec, batches=(16, 64), blocks=5, steps=5, also=()
+) -> dict:
+    """ms per step per architecture, batch size and variant, and the speed-ups over `archs`
+    together; the architectures of `also` are timed alike but left out of the speed-ups."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         per_arch: dict = {}
-        for arch in archs:
+        for arch in dict.fromkeys([*archs, *also]):
             for batch in batches:
                 fns = {v: _step_fn(arch, spec, batch, v) for v in VARIANTS}
                 times: dict[str, list[float]] = {v: [] for v in VARIANTS}
@@ -83,7 +87,12 @@ def measure(archs: list[str], spec: ModelSpec, batches=(16, 64), blocks=5, steps
                 }
     finally:
         torch.set_num_threads(threads)
-    result: dict = {"img_size": spec.img_size, "threads": 1, "ms_per_step": per_arch}
+    result: dict = {
+        "img_size": spec.img_size,
+        "threads": 1,
+        "speedups_over": list(archs),
+        "ms_per_step": per_arch,
+    }
     for batch in batches:
         key = f"batch{batch}"
         total = {v: sum(per_arch[a][key][v] for a in archs) for v in VARIANTS}
@@ -95,9 +104,11 @@ def measure(archs: list[str], spec: ModelSpec, batches=(16, 64), blocks=5, steps
 
 
 def cpu_kernels_section(mode: dict, out: Path) -> dict:
-    """`measure` for `mode`'s architectures and dataset, saved as cpu_kernels.json."""
+    """`measure` for `mode`'s architectures (and flwr-kd's default ones) and dataset, saved as
+    cpu_kernels.json."""
     spec = load_federated(DataSpec(dataset=mode["dataset"], num_partitions=2)).model_spec
-    result = measure(mode["archs"].split(","), spec)
+    # flwr-kd's default zoo beside the mode's: what the study's smaller ResNet saves
+    result = measure(mode["archs"].split(","), spec, also=DEFAULT_ARCHITECTURES)
     (out / "cpu_kernels.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 

@@ -263,7 +263,9 @@ def cpu_kernel_lines(kernels: dict) -> list[str]:
             f"{kernels['img_size']}, median of interleaved blocks: Adam's per-parameter loop "
             "with NCHW activations (flwr-kd before December 2026), Adam's fused kernel, and "
             "what flwr-kd runs (`flwr_kd.devices.run_on`: the fused kernel, channels-last "
-            "activations for models with depthwise convolutions). All architectures together: "
+            "activations for models with depthwise convolutions). "
+            + ", ".join(kernels.get("speedups_over", kernels["ms_per_step"]))
+            + " together: "
             + ", ".join(
                 f"batch {k.rsplit('_b', 1)[1]} **{v}x**"
                 for k, v in kernels.items()
@@ -305,7 +307,12 @@ def write(mode: str) -> Path:
             f"Made by `{cmd}` (`{COMMANDS[mode]}`) on a "
             f"{summary.get('cores')}-core machine"
             + (
-                f" in {summary['seconds'] / 60:.0f} minutes"
+                f"; `run.py` took {summary['seconds'] / 60:.0f} minutes"
+                + "".join(
+                    f" (then `--sections {k.removeprefix('seconds_')}`: {v} s)"
+                    for k, v in summary.items()
+                    if k.startswith("seconds_")
+                )
                 if "seconds" in summary
                 else ", section by section (`--sections`; each one's time is a `seconds_*` key; "
                 "the study's is the sum of its runs' `wall_seconds` in evidence.json)"
@@ -321,8 +328,8 @@ def write(mode: str) -> Path:
     ]
     missed = []
     for key, value in summary.items():
-        if key in ("mode", "cores", "seconds"):
-            continue
+        if key in ("mode", "cores", "seconds") or ("seconds" in summary and "seconds_" in key):
+            continue  # the times are the header's
         lines.append(f"| `{key}` | {value} | {verdict(key, value)} |")
         if verdict(key, value).endswith("missed"):
             missed.append(f"- `{key}` ({value}): {WHEN_MISSED.get(key, '')}")
@@ -517,6 +524,11 @@ def write(mode: str) -> Path:
         lines += [f"- {k}: {v} MiB" for k, v in mem["peak_per_process_mib"].items()]
     path = ROOT / "benchmarks" / ("REPORT.md" if mode == "full" else f"REPORT-{mode}.md")
     path.write_text("\n".join(lines) + "\n")
+    if mode == "full":  # pooled.py's section, kept when this file is rewritten after it ran
+        from pooled import RESULT, write_section
+
+        if RESULT.exists():
+            write_section(json.loads(RESULT.read_text()), path)
     return path
 
 

@@ -80,6 +80,11 @@ def _c(*pairs: str) -> list[str]:
     return [flag for kv in pairs for flag in ("-c", kv)]
 
 
+#: Both modes' zoo: flwr-kd's default (`flwr_kd.models.DEFAULT_ARCHITECTURES`) with timm's small
+#: ResNet, test_resnet (0.37M parameters), in place of resnet10t (4.9M). resnet10t was about two
+#: thirds of the study's and the bounds' compute (a training step 4x test_resnet's on one
+#: thread), and make bench's 60 minutes on 2 cores do not hold it (docs/evidence-lab.md).
+STUDY_ARCHS = "test_resnet,mobilenetv3_small_050,test_vit"
 #: Quick mode's sections: the emulated serverless stack and its soak are `make test`'s too,
 #: and the scale runs have one fixed config (benchmarks/scale.py), so full mode measures those.
 QUICK_SECTIONS = "evidence,client_round,communication,aggregation,pretrain,cpu_kernels"
@@ -89,7 +94,7 @@ MODES = {
         "clients": 6,
         "seeds": 3,
         "rounds": 3,
-        "archs": "resnet10t,mobilenetv3_small_050,test_vit",
+        "archs": STUDY_ARCHS,
         # sized for make bench-quick's 10 minutes on 2 cores: a smoke of every figure, whose
         # differences are noise at these sizes (docs/evidence-lab.md)
         "extra": _c(
@@ -119,11 +124,7 @@ MODES = {
         "clients": 10,
         "seeds": 3,
         "rounds": 5,
-        # flwr-kd's default zoo with timm's small ResNet (test_resnet, 0.37M parameters) in
-        # place of resnet10t (4.9M): resnet10t was about two thirds of the study's and the
-        # bounds' compute (a training step 4x test_resnet's on one thread), and make bench's
-        # 60 minutes on 2 cores do not hold it (docs/evidence-lab.md, "What it costs")
-        "archs": "test_resnet,mobilenetv3_small_050,test_vit",
+        "archs": STUDY_ARCHS,
         # Where distillation pays (paired lab sweep, 3 seeds, docs/evidence-lab.md): clients
         # train flwr-kd's default 5 local epochs, FedDF distils 200 steps, FedMD digests 3
         # epochs. At 2 local epochs, 60 steps and 1 digest epoch every method stayed near its
@@ -268,14 +269,22 @@ def _extra_config(mode: dict) -> dict:
     return out
 
 
-def timing_section(result: dict, run: str, out: Path) -> dict:
+def timing_section(run_out: Path, out: Path) -> dict:
     """Where a FedDF round's time goes, and the framework overhead over the critical path, in
-    one run of the study (`run` names it)."""
+    one stored run of the study (`run_out`). The clients' part of the critical path depends on
+    the run's engine: Ray's actors train side by side, the in-process grid one client after
+    another (benchmarks/inprocess.py), so there it is their sum. Distillation fans out to one
+    process per architecture on either engine."""
+    result = json.loads((run_out / "result.json").read_text())
+    engine = json.loads((run_out / "args.json").read_text())["key"].get("engine", "ray")
     rounds = []
     for r in result["rounds"][1:]:  # round 1 includes Ray and worker start-up
         compute = r.get("client_compute") or []
         distill = [d["seconds"] + d["teacher_seconds"] for d in r["distill"].values()]
-        client_path = max(max(compute, default=0), sum(compute) / CORES)
+        if engine == "inprocess":
+            client_path = float(sum(compute))
+        else:
+            client_path = max(max(compute, default=0), sum(compute) / CORES)
         distill_path = max(max(distill, default=0), sum(distill) / CORES)
         critical = client_path + r["time"].get("fedavg", 0) + distill_path
         rounds.append(
@@ -292,14 +301,20 @@ def timing_section(result: dict, run: str, out: Path) -> dict:
             }
         )
     overheads = [r["overhead"] for r in rounds if r["overhead"]]
+    clients = (
+        "the clients' compute summed (the in-process grid runs them one after another)"
+        if engine == "inprocess"
+        else "max(longest client, total client compute / cores)"
+    )
     data = {
-        "run": run,
+        "run": str(run_out.relative_to(out / "runs")),
+        "engine": engine,
         "cores": CORES,
         "rounds": rounds,
         "framework_overhead": round(float(np.mean(overheads)), 3) if overheads else None,
         "note": (
-            "critical path on this machine's cores: max(longest task, total compute / cores) "
-            "for clients and for distillation, plus FedAvg"
+            f"critical path on this machine's {CORES} cores: {clients}, plus FedAvg, plus "
+            "max(longest distillation, total distillation / cores)"
         ),
     }
     save(out, "timing", data)
@@ -725,7 +740,7 @@ def main() -> None:
     parser.add_argument(
         "--sections",
         help="comma-separated (default: the mode's `sections`); `bounds` alone computes the "
-        "stored study's centralized bounds",
+        "stored study's centralized bounds, `timing` reads the stored study's timing run",
     )
     parser.add_argument("--seeds", type=int, help="seeds per configuration (default: the mode's)")
     parser.add_argument("--rounds", type=int, help="rounds per run (default: the mode's)")
@@ -783,13 +798,7 @@ def main() -> None:
     beside = ThreadPoolExecutor(1)  # the soak, while the study's bounds train
     soak_started: list[Future] = []
     if "evidence" in sections:
-        from evidence import (
-            COST_CONFIG,
-            evidence_section,
-            float32_logits_run,
-            study_memory,
-            study_result,
-        )
+        from evidence import evidence_section, float32_logits_run, study_memory
 
         def soak_beside_bounds() -> None:
             """The soak mostly waits on its emulators, functions and injected hangs, and no
@@ -805,15 +814,16 @@ def main() -> None:
         summary.update(evidence_section(mode, out, extra, soak_beside_bounds))
         for future in soak_started:  # done before the sections whose figures are timings
             future.result()
-        timing = timing_section(
-            study_result(out, COST_CONFIG, "feddf"), f"{COST_CONFIG}/feddf seed 0", out
-        )
-        summary["framework_overhead"] = timing["framework_overhead"]
         summary["peak_memory_mib"] = study_memory(out).get("peak_total_mib")
     elif "bounds" in sections:  # the stored study's centralized bounds, without its runs
         from evidence import bounds_section
 
         bounds_section(mode, out)
+    if "evidence" in sections or "timing" in sections:  # `timing` alone: of the stored run
+        from evidence import COST_CONFIG, run_dir
+
+        timing = timing_section(run_dir(out, COST_CONFIG, "feddf", 0), out)
+        summary["framework_overhead"] = timing["framework_overhead"]
     if "client_round" in sections:  # after the study: its figure from the runs is noisier
         client = client_round_section(mode, out)
         summary["feddf_client_round_over_fedavg"] = client["feddf_client_round_over_fedavg"]

@@ -130,9 +130,46 @@ def test_cpu_kernels_times_the_three_ways_side_by_side_and_restores_the_threads(
         lambda model, config: picked.append(config) or real_run_on(model, config),
     )
     spec = cpu_kernels.ModelSpec(num_classes=10, in_chans=1, img_size=16)
-    result = cpu_kernels.measure(["test_vit"], spec, batches=(4,), blocks=2, steps=1)
+    result = cpu_kernels.measure(
+        ["test_vit"], spec, batches=(4,), blocks=2, steps=1, also=("test_resnet", "test_vit")
+    )
     assert torch.get_num_threads() == 2
-    assert [c.device for c in picked] == ["cpu"]
+    assert [c.device for c in picked] == ["cpu", "cpu"]  # each architecture timed once
+    assert list(result["ms_per_step"]) == ["test_vit", "test_resnet"]
+    assert result["speedups_over"] == ["test_vit"]  # `also` is timed, not summed in
     times = result["ms_per_step"]["test_vit"]["batch4"]
     assert sorted(times) == sorted(cpu_kernels.VARIANTS) and min(times.values()) > 0
     assert result["cpu_step_speedup_b4"] == round(times["adam_nchw"] / times["flwr_kd"], 3)
+
+
+def test_timing_sums_the_clients_of_the_in_process_grid_and_not_those_on_ray(tmp_path):
+    """The in-process grid trains one client after another, so the clients' critical path is
+    their sum; Ray's actors train side by side on the machine's cores."""
+    run = load_benchmark("run")
+    row = {
+        "round": 2,
+        "seconds": 20.0,
+        "client_compute": [3.0, 5.0],
+        "distill": {"a": {"seconds": 6.0, "teacher_seconds": 0.0}},
+        "time": {"fedavg": 1.0},
+    }
+    result = {"rounds": [{**row, "round": 1}, row]}
+    overhead = {}
+    for engine in ("inprocess", "ray"):
+        run_out = tmp_path / "runs" / engine
+        run_out.mkdir(parents=True)
+        (run_out / "result.json").write_text(json.dumps(result))
+        key = {"args": [], "code": "c", **({"engine": engine} if engine != "ray" else {})}
+        (run_out / "args.json").write_text(json.dumps({"key": key}))
+        timing = run.timing_section(run_out, tmp_path)
+        assert timing["run"] == engine and timing["engine"] == engine
+        [measured] = timing["rounds"]  # round 1 (start-up) is left out
+        overhead[engine] = measured
+    # in-process: 3 + 5 summed, + FedAvg 1 + distillation 6 = 15
+    assert overhead["inprocess"]["critical_path"] == 15.0
+    assert overhead["inprocess"]["overhead"] == round(20 / 15, 3)
+    # Ray: max(5, 8 / cores) + 1 + 6
+    expected = max(5.0, 8.0 / run.CORES) + 1.0 + 6.0
+    assert overhead["ray"]["critical_path"] == round(expected, 3)
+    saved = json.loads((tmp_path / "timing.json").read_text())
+    assert saved["engine"] == "ray"  # the last one written
