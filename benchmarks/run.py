@@ -81,9 +81,10 @@ def _c(*pairs: str) -> list[str]:
 
 
 #: Both modes' zoo: flwr-kd's default (`flwr_kd.models.DEFAULT_ARCHITECTURES`) with timm's small
-#: ResNet, test_resnet (0.37M parameters), in place of resnet10t (4.9M). resnet10t was about two
-#: thirds of the study's and the bounds' compute (a training step 4x test_resnet's on one
-#: thread), and make bench's 60 minutes on 2 cores do not hold it (docs/evidence-lab.md).
+#: ResNet, test_resnet (0.37M parameters), in place of resnet10t (4.9M). On one thread resnet10t
+#: was over half of a training step of the three (62 of 119 ms at batch 16, 145 of 252 at 64;
+#: test_resnet 23 and 58, results/full/cpu_kernels.json): with it, make bench took 1 h 43 min on
+#: 2 cores, with test_resnet 57 min (docs/evidence-lab.md, "What it costs").
 STUDY_ARCHS = "test_resnet,mobilenetv3_small_050,test_vit"
 #: Quick mode's sections: the emulated serverless stack and its soak are `make test`'s too,
 #: and the scale runs have one fixed config (benchmarks/scale.py), so full mode measures those.

@@ -114,7 +114,7 @@ class Compute:
     def adam(self, model: torch.nn.Module, lr: float) -> torch.optim.Adam:
         """Adam over `model`'s parameters, fused into one kernel where PyTorch has one (CPU and
         CUDA): the default's per-parameter loop costs a large share of a step of the small
-        models here (resnet10t at batch 16 on one CPU thread: 133 -> 92 ms a step,
+        models here (resnet10t at batch 16 on one CPU thread: 90 -> 62 ms a step,
         benchmarks/results/full/cpu_kernels.json)."""
         return torch.optim.Adam(
             model.parameters(), lr=lr, fused=self.device.type in ("cpu", "cuda")
@@ -156,7 +156,7 @@ def run_on(model: torch.nn.Module, config: DeviceConfig | None) -> Compute:
     """Where a call on `model` runs: `config` resolved here, the model moved there (in place);
     without a config, where the model already is, without autocast. On the CPU, a model with
     depthwise convolutions also takes the channels-last memory format (same values, other
-    strides): mobilenetv3_small_050 trains 1.2x faster at batch 16 and 2.1x at 64 on one
+    strides): mobilenetv3_small_050 trains 1.3x faster at batch 16 and 1.8x at 64 on one
     thread, while a plain ResNet gains nothing (benchmarks/results/full/cpu_kernels.json)."""
     compute = Compute(model_device(model)) if config is None else Compute.of(config)
     model.to(compute.device)
