@@ -294,9 +294,11 @@ def evidence_section(
     code = code_fingerprint()
     study = mode["study"]
     # seed by seed: an interrupted study (resumed from the stored runs) has whole seeds
+    # (the study's key or None, label, arguments, folder) per run
     jobs: list[tuple] = [
         (
             (name, method, seed),
+            f"{name}/{method} seed {seed}",
             study_args(mode, name, method, seed),
             run_dir(out, name, method, seed),
         )
@@ -306,7 +308,7 @@ def evidence_section(
     ]
     first_seed = sum(len(config["methods"]) for config in study.values())
     jobs[first_seed:first_seed] = [
-        (name, args, out / "runs" / name) for name, args in (extra_runs or {}).items()
+        (None, name, args, out / "runs" / name) for name, args in (extra_runs or {}).items()
     ]
     progress = Progress(len(jobs))
     engine, workers = mode.get("engine", "ray"), mode.get("workers", 1)
@@ -315,27 +317,25 @@ def evidence_section(
     made_by: dict[str, list[str]] = {}  # fingerprint -> the study's runs it made
 
     def one(job: tuple) -> dict:
-        run, args, run_out = job
+        key, label, args, run_out = job
         result, reused = cached_run(
             args,
             run_out,
             code,
-            memory=run == (COST_CONFIG, "feddf", 0),
+            memory=key == (COST_CONFIG, "feddf", 0),
             engine=engine,
             threads=threads,
             reuse_codes=tuple(mode.get("reuse_codes", ())),
         )
-        label = run
-        if isinstance(run, tuple):
-            name, method, seed = run
-            label = f"{name}/{method} seed {seed}"
+        if key is not None:
+            name, method, seed = key
             made_by.setdefault(reused or code, []).append(f"{name}/{method}/seed{seed}")
         progress.line(label, mean_final(result), result.get("wall_seconds"), reused)
         return result
 
     with ThreadPoolExecutor(workers) as pool:  # each run is a subprocess: threads only wait
         done = list(pool.map(one, jobs))
-    results = {job[0]: r for job, r in zip(jobs, done) if isinstance(job[0], tuple)}
+    results = {job[0]: r for job, r in zip(jobs, done) if job[0] is not None}
     if after_runs is not None:
         after_runs()
     centralized = centralized_bounds(mode, seeds, out, code) if mode.get("bounds", True) else {}
