@@ -32,6 +32,7 @@ from flwr.app import Array, ArrayRecord, Error, Message
 from flwr.common.constant import ErrorCode
 
 from flwr_kd import protocol
+from flwr_kd.records import to_numpy
 
 FAILURES = ("exception", "timeout", "5xx", "kill")
 INVALID_REPLIES = ("nan", "shape", "dtype", "subset", "tamper", "missing")
@@ -122,7 +123,7 @@ def corrupt_reply(reply: Message, kind: str) -> None:
     name = protocol.LOGITS if protocol.LOGITS in reply.content else protocol.ARRAYS
     record = reply.content[name]
     key = next(iter(record.keys()))
-    value = record[key].numpy()
+    value = to_numpy(record[key])
     if kind == "nan":
         value = value.astype(value.dtype if value.dtype.kind == "f" else np.float32).copy()
         value.reshape(-1)[0] = np.nan

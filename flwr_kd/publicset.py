@@ -18,6 +18,8 @@ import hashlib
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
+from flwr_kd.records import to_numpy
+
 #: Config key of a public set's fingerprint (describe replies, FedDF's train messages).
 FINGERPRINT_KEY = "public-fingerprint"
 #: Reply-metrics key: how many logits were clipped to the wire dtype's finite range.
@@ -55,11 +57,11 @@ def encode_subset(indices: np.ndarray, n_public: int) -> ArrayRecord:
 def decode_subset(record: ArrayRecord, n_public: int) -> np.ndarray:
     """The sorted indices `encode_subset` wrote, checked against a set of `n_public` samples."""
     if "mask" in record:
-        bits = record["mask"].numpy()
+        bits = to_numpy(record["mask"])
         if bits.dtype != np.uint8 or bits.shape != ((n_public + 7) // 8,):
             raise ValueError(f"public mask of shape {bits.shape} does not fit {n_public} samples")
         return np.flatnonzero(np.unpackbits(bits, count=n_public))
-    indices = record["indices"].numpy()
+    indices = to_numpy(record["indices"])
     if len(indices) and (indices.min() < 0 or indices.max() >= n_public):
         raise ValueError(f"public indices out of range for {n_public} samples")
     return indices
@@ -69,7 +71,7 @@ def public_inputs(record: ArrayRecord, config, public_x: np.ndarray | None) -> n
     """The inputs a message's public record means: its images (`x`), or the rows of this
     client's own public set that it indexes, which must be the set the server fingerprinted."""
     if "x" in record:
-        return record["x"].numpy()
+        return to_numpy(record["x"])
     if public_x is None:
         raise ValueError("the server sent public indices, but this client holds no public set")
     expected = str(config.get(FINGERPRINT_KEY, ""))

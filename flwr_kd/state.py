@@ -18,7 +18,7 @@ from urllib.parse import ParseResult, urlparse
 
 import numpy as np
 
-from flwr_kd.records import State
+from flwr_kd.records import State, load_npz
 
 
 class LocalStateStore:
@@ -36,8 +36,7 @@ class LocalStateStore:
         path = self._path(key)
         if not path.exists():
             return None
-        with np.load(path, allow_pickle=False) as npz:
-            return {name: npz[name] for name in npz.files}
+        return load_npz(path)
 
     def save(self, key: str, state: State) -> None:
         self.root.mkdir(parents=True, exist_ok=True)

@@ -201,3 +201,67 @@ def test_records_keep_zero_dim_buffers_zero_dim():
     for key in scalars:
         assert via_record[key].shape == (), key
         assert via_pack[key].shape == (), key
+
+
+def test_npy_headers_are_never_parsed_by_two_threads_at_once(monkeypatch, tmp_path):
+    """numpy parses every `.npy` header with `ast.literal_eval`; on CPython < 3.11.8 two threads
+    doing that at once can raise "SystemError: AST constructor recursion depth mismatch"
+    (python/cpython#106905; CI failed on it once in the serverless driver's thread pool).
+    Every decoding path of flwr-kd must therefore parse one header at a time, whichever thread
+    calls it. The parser is slowed down here, so unserialized threads would overlap."""
+    import ast
+    import io
+    import threading
+    import time
+
+    from flwr_kd.records import load_npz, to_numpy
+    from flwr_kd.serverless.arraystore import decode_npz, encode_npz
+    from flwr_kd.state import LocalStateStore
+
+    parse, guard = ast.literal_eval, threading.Lock()
+    active, most = [0], [0]
+
+    def slow_parse(source):
+        with guard:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        time.sleep(0.002)  # releases the GIL: another thread may enter the parser now
+        try:
+            return parse(source)
+        finally:
+            with guard:
+                active[0] -= 1
+
+    monkeypatch.setattr(ast, "literal_eval", slow_parse)
+    state = _toy_state(2)
+    record, archive = state_to_record(state), encode_npz(state)
+    LocalStateStore(tmp_path).save("node", state)
+    decoders = [
+        lambda: record_to_state(record),
+        lambda: {k: to_numpy(v) for k, v in record.items()},
+        lambda: unpack_models(pack_models({"a": state}))["a"],
+        lambda: load_npz(io.BytesIO(archive)),
+        lambda: decode_npz(archive),
+        lambda: LocalStateStore(tmp_path).load("node"),
+    ]
+    results, errors = [], []
+
+    def decode_all():
+        try:
+            for decode in decoders * 3:
+                results.append(decode())
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=decode_all) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    assert len(results) == 6 * 3 * len(decoders)
+    for got in results:
+        assert list(got) == list(state)
+        for key in state:
+            np.testing.assert_array_equal(got[key], state[key])
+    assert most[0] == 1, f"{most[0]} threads parsed .npy headers at the same time"

@@ -1180,18 +1180,20 @@ def test_an_aggregator_instance_that_dies_mid_task_is_retried(live_deployment, t
     import psutil
 
     run, arch = unique("agg-crash"), "resnet10t"
-    rounds, killed = RoundStore(), threading.Event()
+    rounds, killed, driver_done = RoundStore(), threading.Event(), threading.Event()
     task = names.aggregator_task_object(run, 1, arch, "distill", ARCHS.index(arch))
     call = names.aggregator_call(arch, task)
     first_attempt = names.attempt_object(names.aggregator_call_records(run, 1, arch, task), 1)
 
     def kill_the_worker_mid_task():
         def running():  # the aggregator claimed the task: it is computing now
-            return GcsArrayStore(DEPLOY_BUCKET).exists(first_attempt)
+            return driver_done.is_set() or GcsArrayStore(DEPLOY_BUCKET).exists(first_attempt)
 
         try:
             wait_for(running, 240, f"{call} running")
         except AssertionError:
+            return
+        if driver_done.is_set():  # the driver ended first: nothing left to kill
             return
         for worker in psutil.Process(live_deployment.aggregators[arch].proc.pid).children():
             worker.kill()
@@ -1203,8 +1205,11 @@ def test_an_aggregator_instance_that_dies_mid_task_is_retried(live_deployment, t
     flags = experiment_flags(
         "feddf", 1, "--distill-steps", "300"
     )  # a task long enough to be killed in
-    run_cli(driver_argv(live_deployment, tmp_path, *flags, "--run-id", run, "--out", str(out)))
-    watcher.join()
+    try:
+        run_cli(driver_argv(live_deployment, tmp_path, *flags, "--run-id", run, "--out", str(out)))
+    finally:  # the watcher must not outlive the test (and the emulators' environment)
+        driver_done.set()
+        watcher.join()
     assert killed.is_set()
     result = json.loads((out / "result.json").read_text())
     assert result["rounds"][0]["replies"] == 3 and set(result["rounds"][0]["distill"]) == set(ARCHS)

@@ -39,7 +39,7 @@ from flwr_kd.distill import digest
 from flwr_kd.models import create_model, load_numpy_state, state_to_numpy
 from flwr_kd.publicset import CLIPPED_KEY, FINGERPRINT_KEY, fingerprint, logits_for_wire
 from flwr_kd.publicset import public_inputs as received_public_inputs
-from flwr_kd.records import State, record_to_state, state_to_record
+from flwr_kd.records import State, record_to_state, state_to_record, to_numpy
 from flwr_kd.state import open_state_store
 from flwr_kd.training import evaluate, predict_logits, train_supervised, train_with_early_stopping
 
@@ -192,13 +192,13 @@ class KDClient:
                 load_numpy_state(model, saved)
             t = time.perf_counter()
             consensus = message.content[protocol.CONSENSUS]
-            public = self._public(consensus["indices"].numpy(), data)
+            public = self._public(to_numpy(consensus["indices"]), data)
             digest(
                 model,
                 public,
-                consensus["logits"].numpy(),
+                to_numpy(consensus["logits"]),
                 config=settings,
-                labels=consensus["labels"].numpy() if "labels" in consensus else None,
+                labels=to_numpy(consensus["labels"]) if "labels" in consensus else None,
                 seed=seed,
                 device=device,
             )
@@ -209,7 +209,7 @@ class KDClient:
             timings["revisit-seconds"] = time.perf_counter() - t
         store.save(key, state_to_numpy(model))
         t = time.perf_counter()
-        indices = message.content[protocol.PUBLIC]["indices"].numpy()
+        indices = to_numpy(message.content[protocol.PUBLIC]["indices"])
         logits, clipped = logits_for_wire(
             predict_logits(model, self._public(indices, data), device), settings.logits_dtype
         )

@@ -21,7 +21,7 @@ import numpy as np
 from google.api_core import exceptions as gexc
 from google.cloud import storage
 
-from flwr_kd.records import State
+from flwr_kd.records import State, load_npz
 from flwr_kd.serverless import names
 from flwr_kd.state import register_state_store
 
@@ -55,8 +55,7 @@ def encode_npz(arrays: State) -> bytes:
 
 def decode_npz(data: bytes) -> State:
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            return {name: npz[name] for name in npz.files}
+        return load_npz(io.BytesIO(data))
     except (ValueError, OSError) as exc:  # object arrays need pickle: refused
         raise ArrayStoreError(f"not a plain .npz archive: {exc}") from exc
 

@@ -12,6 +12,7 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr_kd import protocol
 from flwr_kd.distill import average_logits, center_per_class
 from flwr_kd.publicset import CLIPPED_KEY
+from flwr_kd.records import to_numpy
 from flwr_kd.strategy.replies import RoundStats, logits_problem, note_clipped
 
 #: Client step timings (metrics) whose slowest value a round records.
@@ -45,10 +46,10 @@ def check_logits_reply(
     if not isinstance(got_round, int) or isinstance(got_round, bool):
         return f"'subset-round' must be an integer, got {got_round!r}"
     record = content[protocol.LOGITS]
-    indices = record["indices"].numpy() if "indices" in record else None
+    indices = to_numpy(record["indices"]) if "indices" in record else None
     if got_round != subset_round or indices is None or not np.array_equal(indices, subset):
         return f"logits for the wrong public subset (round {got_round}, expected {subset_round})"
-    logits = record["logits"].numpy()
+    logits = to_numpy(record["logits"])
     problem = logits_problem(logits, (len(subset), num_classes))
     if problem:
         return problem

@@ -27,7 +27,7 @@ from flwr_kd.distill import average_logits
 from flwr_kd.fanout import FanOut
 from flwr_kd.models import ModelSpec
 from flwr_kd.publicset import CLIPPED_KEY, FINGERPRINT_KEY, encode_subset, fingerprint
-from flwr_kd.records import State
+from flwr_kd.records import State, to_numpy
 from flwr_kd.strategy.base import check_choice, public_subset
 from flwr_kd.strategy.fedavg import HeteroFedAvg
 from flwr_kd.strategy.replies import LOGITS_DTYPES, ClientReply, logits_problem, note_clipped
@@ -125,7 +125,7 @@ class FedDF(HeteroFedAvg):
             return parsed
         if protocol.LOGITS not in msg.content or "logits" not in msg.content[protocol.LOGITS]:
             return "reply lacks logits"
-        logits = msg.content[protocol.LOGITS]["logits"].numpy()
+        logits = to_numpy(msg.content[protocol.LOGITS]["logits"])
         problem = logits_problem(logits, (len(self._subset), self.model_spec.num_classes))
         if problem:
             return problem
