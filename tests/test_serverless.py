@@ -909,7 +909,7 @@ def run_cli(argv: list[str]) -> None:
 def feddf_emulated(cloud_env, tmp_path_factory):
     run, out = unique("feddf"), tmp_path_factory.mktemp("feddf-emulate")
     run_cli(["cloud", "emulate", *experiment_flags("feddf", 2), "--run-id", run, "--out", str(out)])
-    return run, json.loads((out / "result.json").read_text())
+    return run, json.loads((out / "result.json").read_text()), out
 
 
 @pytest.fixture(scope="module")
@@ -933,8 +933,11 @@ def fedmd_emulated(cloud_env, tmp_path_factory):
 
 
 def test_emulate_feddf_end_to_end(feddf_emulated):
-    run, result = feddf_emulated
+    run, result, out = feddf_emulated
     check_result(result, run, EMULATE_BUCKET, "feddf", [1, 2])
+    logs = out / "function-logs"  # kept beside result.json, not in a temporary folder
+    assert (logs / "access.jsonl").stat().st_size > 0
+    assert len(list(logs.glob("*.requests.log"))) == len(ARCHS) + 3  # a front end per function
     for row in result["rounds"]:
         assert row["replies"] == 3 and row["dropped"] == []
         assert set(row["distill"]) == set(ARCHS)
@@ -972,7 +975,7 @@ def test_emulate_fedmd_end_to_end(fedmd_emulated):
 
 
 def test_client_logits_are_kept_in_cloud_storage(feddf_emulated):
-    run, _ = feddf_emulated
+    run, _, _ = feddf_emulated
     for r in (1, 2):
         for c in CLIENT_IDS:
             prefix = f"clients/{c}/outbox/{run}/{r}/"

@@ -276,10 +276,15 @@ def emulate(
     mode: str = "isolated",
 ) -> dict:
     """`drive` on a stack started for this run (the driver authenticating as its service
-    account), then where to find what it left behind."""
+    account), then where to find what it left behind. The functions' logs are kept beside
+    `result.json`, in `<out-dir>/function-logs/` (a temporary folder without an out dir)."""
     run_id = run_id or f"run-{uuid.uuid4().hex[:8]}"
     options = options or GridOptions()
-    with EmulatedStack(cfg, mode=mode) as stack:
+    log_dir = None
+    if cfg.out_dir:
+        log_dir = Path(cfg.out_dir) / "function-logs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+    with EmulatedStack(cfg, log_dir=log_dir, mode=mode) as stack:
         for line in stack.started:
             print(f"started {line}", file=sys.stderr)
         options.auth = options.auth or stack.auth
