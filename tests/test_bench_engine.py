@@ -1,7 +1,7 @@
 """The study's in-process engine (benchmarks/inprocess.py): `flwr-kd simulate`'s arguments run
 without Ray, stored with their engine so that a Ray run is never answered by an in-process one;
-and the measurements beside the study: a client's round (run.py) and the teachers
-(teacher_accuracy.py)."""
+and the measurements beside the study: a client's round (run.py), the teachers
+(teacher_accuracy.py) and longer curves (longer_curves.py)."""
 
 import json
 import subprocess
@@ -117,6 +117,26 @@ def test_teachers_centred_and_label_weighted_against_the_plain_average():
     # class 2 comes from client 0 alone; classes 0 and 1 from both, equally
     np.testing.assert_allclose(t["label_weighted"][:, 2], logits[0, :, 2])
     np.testing.assert_allclose(t["label_weighted"][:, :2], logits[:, :, :2].mean(axis=0))
+
+
+def test_longer_curves_compares_two_methods_per_round_paired_over_seeds():
+    longer_curves = load_benchmark("longer_curves")
+    by_method = {  # method -> seed -> mean accuracy per round
+        "feddf": {0: [0.2, 0.4, 0.5, 0.5], 1: [0.1, 0.3, 0.4, 0.6]},
+        "fedavg": {0: [0.2, 0.3, 0.3, 0.3], 1: [0.2, 0.2, 0.2, 0.4]},
+    }
+    rows = longer_curves.compare(by_method, "feddf", "fedavg")
+    assert [row["round"] for row in rows] == [1, 2, 3, 4]
+    assert rows[0]["feddf"]["slope_last3"] is None  # one point: no slope yet
+    # round 2: slopes over 2 points are 0.2 (both seeds) and 0.1, 0.0
+    assert rows[1]["feddf"]["slope_last3"] == 0.2 and rows[1]["fedavg"]["slope_last3"] == 0.05
+    last = rows[3]
+    assert last["feddf"]["mean"] == 0.55 and last["fedavg"]["mean"] == 0.35
+    # last 3 rounds: seed 0 (0.4, 0.5, 0.5) -> 0.05/round, seed 1 (0.3, 0.4, 0.6) -> 0.15/round
+    assert last["feddf"]["slope_last3"] == 0.1
+    diff = last["feddf_minus_fedavg"]
+    assert diff["diffs"] == [0.2, 0.2] and diff["mean"] == 0.2 and diff["ci95"] == [0.2, 0.2]
+    assert rows[0]["feddf_minus_fedavg"]["diffs"] == [0.0, -0.1]
 
 
 def test_cpu_kernels_times_the_three_ways_side_by_side_and_restores_the_threads(monkeypatch):
