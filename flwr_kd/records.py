@@ -9,7 +9,8 @@ parses each header with `ast.literal_eval`, and CPython before 3.11.8 keeps the 
 recursion counter per interpreter, not per thread. Two threads parsing at once (the serverless
 driver decodes replies on a thread pool) can then fail with "SystemError: AST constructor
 recursion depth mismatch" (python/cpython#106905, fixed in 3.11.8 and 3.12.2; the pinned
-interpreter here is 3.11.7). Decoding holds the GIL anyway, so the lock costs no parallelism.
+interpreter here is 3.11.7). Decoding is mostly a copy made under the GIL anyway, so the lock
+costs little parallelism.
 """
 
 from __future__ import annotations
