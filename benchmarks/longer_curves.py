@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evidence import cached_run, code_fingerprint, study_args
+from evidence import _mean, cached_run, code_fingerprint, run_dir, study_args
 from run import CORES, MODES, ROOT
 from stats import paired, slope, summarize
 
@@ -36,7 +36,7 @@ def curves(config: str, methods: list[str], seeds: list[int], rounds: int, worke
     def one(job: tuple[str, int]) -> list[float]:
         method, seed = job
         args = study_args(mode, config, method, seed)
-        run_out = LAB / "runs" / f"rounds{rounds}-{config}" / method / f"seed{seed}"
+        run_out = run_dir(LAB, f"rounds{rounds}-{config}", method, seed)
         result, _ = cached_run(args, run_out, code, engine="inprocess", threads=threads)
         return [row["mean_accuracy"] for row in result["rounds"]]
 
@@ -53,8 +53,8 @@ def compare(by_method: dict, a: str, b: str) -> list[dict]:
         row = {"round": r}
         for m in (a, b):
             row[m] = summarize([by_method[m][s][r - 1] for s in seeds])
-            slopes = [slope(by_method[m][s][:r]) for s in seeds]  # None in round 1
-            row[m]["slope_last3"] = summarize(slopes)["mean"] if r > 1 else None
+            # averaged as the study averages its slopes (None in round 1: one point)
+            row[m]["slope_last3"] = _mean([slope(by_method[m][s][:r]) for s in seeds])
         row[f"{a}_minus_{b}"] = paired(
             [by_method[a][s][r - 1] for s in seeds], [by_method[b][s][r - 1] for s in seeds]
         )

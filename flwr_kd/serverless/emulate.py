@@ -121,6 +121,7 @@ class EmulatedStack:
             raise ValueError(f"deployment mode must be one of {', '.join(MODES)}, got {mode!r}")
         self.cfg, self.bucket, self.front_end, self.mode = cfg, bucket, front_end, mode
         self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix="flwr-kd-emulate-"))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
         self._stack = ExitStack()
         self.started: list[str] = []
         self.functions: dict[str, FunctionProcess] = {}  # service name -> its process
@@ -280,10 +281,7 @@ def emulate(
     `result.json`, in `<out-dir>/function-logs/` (a temporary folder without an out dir)."""
     run_id = run_id or f"run-{uuid.uuid4().hex[:8]}"
     options = options or GridOptions()
-    log_dir = None
-    if cfg.out_dir:
-        log_dir = Path(cfg.out_dir) / "function-logs"
-        log_dir.mkdir(parents=True, exist_ok=True)
+    log_dir = Path(cfg.out_dir) / "function-logs" if cfg.out_dir else None
     with EmulatedStack(cfg, log_dir=log_dir, mode=mode) as stack:
         for line in stack.started:
             print(f"started {line}", file=sys.stderr)
